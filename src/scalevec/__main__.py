@@ -1,0 +1,5 @@
+import sys
+
+from scalevec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""Parameter accounting by role, and the list of scale-vector sites (what ``scalevec info`` prints)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import nn
+
+from scalevec.roles import SCALE_ROLES, Role, param_roles
+from scalevec.scale import ScaleVector
+
+EMBEDDING_ROLES = (Role.EMBEDDING, Role.HEAD)
+
+
+def count_params(model: nn.Module) -> dict:
+    """Total, non-embedding (no token embedding, no LM head), per role, and the scale-vector share."""
+    roles = param_roles(model)
+    params = dict(model.named_parameters())
+    by_role: Counter[str] = Counter()
+    for name, r in roles.items():
+        by_role[r.value] += params[name].numel()
+    total = sum(by_role.values())
+    scale = sum(by_role[r.value] for r in SCALE_ROLES)
+    non_emb = total - sum(by_role[r.value] for r in EMBEDDING_ROLES)
+    out = {"total": total, "non_embedding": non_emb, "scale_vector": scale,
+           "scale_vector_share": scale / total if total else 0.0, "by_role": dict(by_role)}
+    active = getattr(model, "active_params", None)
+    if callable(active):
+        out.update(active())
+    return out
+
+
+def scale_sites(model: nn.Module) -> list[dict]:
+    """Every scale vector: where it sits, its role, parameterisation and size."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, ScaleVector):
+            out.append({"module": name, "slot": m.slot, "role": m.role.value, "param": m.param,
+                        "numel": sum(p.numel() for p in m.parameters())})
+    return out

@@ -1,0 +1,6 @@
+"""Training: the loop, checkpoints, distribution, and loading finished runs."""
+
+from scalevec.train.run import load_run, write_run
+from scalevec.train.trainer import TrainingError, train
+
+__all__ = ["TrainingError", "load_run", "train", "write_run"]
