@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def cmd_train(args) -> int:
     else:
         cfg = _load(args)
     summary = train(cfg, resume=bool(args.resume))
-    print(json.dumps(summary, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -191,6 +191,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo)
     elif has_run:
         raise ConfigError(f"run.out: {run_dir} already holds a run; pass --resume to continue it or choose "
                           "another run.out")
+    D.barrier(info)  # every rank has checked before the main rank writes
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())

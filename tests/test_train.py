@@ -1,0 +1,180 @@
+"""The pre-training system end to end on CPU: files, learning, exact resume, torchrun, optimizers, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scalevec.config import load_config
+from scalevec.models import build_model, model_preset
+from scalevec.optim import build_optimizer, lr_factor
+from scalevec.roles import Role
+from scalevec.strategy import preset
+from scalevec.train import train
+from scalevec.train.checkpoint import list_checkpoints
+from scalevec.typed_config import ConfigError
+
+FAST = ["model.preset=tiny", "train.batch_size=8", "train.seq_len=64", "train.progress=false",
+        "train.log_every=5", "train.eval_every=10", "data.val_tokens=8192"]
+
+
+def cfg_for(run_dir: Path, *extra: str):
+    return load_config(None, [*FAST, *extra, f"run.out={run_dir}"])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def unigram_entropy(files) -> float:
+    from scalevec.data.shards import read_shard
+
+    counts = np.bincount(np.concatenate([np.asarray(read_shard(f)) for f in files]))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_train_writes_run_files_and_learns(tmp_path):
+    from scalevec.data import resolve_data
+
+    run = tmp_path / "run"
+    cfg = cfg_for(run, "scale.strategy=unified", "train.steps=150", "train.eval_every=50")
+    summary = train(cfg)
+    for f in ("config.toml", "metrics.jsonl", "summary.json"):
+        assert (run / f).is_file()
+    assert list_checkpoints(run)
+    rows = metrics(run)
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert {"step", "tokens", "train_loss", "lr", "tok_per_s"} <= set(train_rows[0])
+    assert {"step", "val_loss"} <= set([r for r in rows if "val_loss" in r][0])
+    s = json.loads((run / "summary.json").read_text())
+    assert {"final_val_loss", "params", "scale_vector_params", "tokens", "wall_s"} <= set(s)
+    assert s == summary
+    h = unigram_entropy(resolve_data(cfg.data).val_files)
+    assert summary["final_val_loss"] < h - 0.5, (summary["final_val_loss"], h)
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    run = tmp_path / "run"
+    cfg = cfg_for(run, "scale.strategy=unified", "train.steps=30", "train.ckpt_every=10", "train.keep_ckpts=5")
+    train(cfg)
+    full = metrics(run)
+    final_weights = load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+    # Interrupt after step 10: drop the later checkpoints, resume.
+    for ck in list_checkpoints(run)[1:]:
+        shutil.rmtree(ck)
+    train(cfg_for(run, "scale.strategy=unified", "train.steps=30", "train.ckpt_every=10", "train.keep_ckpts=5"),
+          resume=True)
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
+    assert timeless(metrics(run)) == timeless(full)
+    again = load_file(str(list_checkpoints(run)[-1] / "model.safetensors"))
+    assert again.keys() == final_weights.keys()
+    for k in again:
+        assert torch.equal(again[k], final_weights[k]), k
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(run, "train.steps=5"))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(cfg_for(run, "train.steps=5"))
+    with pytest.raises(ConfigError, match="model.d_model changed"):
+        train(cfg_for(run, "train.steps=10", "model.d_model=64", "model.n_heads=2"), resume=True)
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "scalevec",
+           "train", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_single_process(tmp_path, mode):
+    """2 ranks x batch 4 see exactly the windows of 1 process x batch 8, so the losses must agree."""
+    common = [*FAST, "train.steps=10", "train.precision=fp32", "train.ckpt_every=5"]
+    single = tmp_path / "single"
+    train(load_config(None, [*common, "train.batch_size=8", f"run.out={single}"]))
+    dist = tmp_path / "dist"
+    r = _torchrun([*common, "train.batch_size=4", f"dist.mode={mode}", f"run.out={dist}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = [x["train_loss"] for x in metrics(single) if "train_loss" in x]
+    b = [x["train_loss"] for x in metrics(dist) if "train_loss" in x]
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert json.loads((dist / "summary.json").read_text())["world_size"] == 2
+    if mode == "fsdp":  # sharded checkpoints gather to a full state and resume exactly
+        shutil.rmtree(list_checkpoints(dist)[-1])
+        r = _torchrun(["--resume", str(dist)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        c = [x["train_loss"] for x in metrics(dist) if "train_loss" in x]
+        assert c == b
+
+
+def _tiny_model(strategy="unified"):
+    mc = model_preset("tiny")
+    mc.vocab_size = 64
+    torch.manual_seed(0)
+    return build_model(mc, preset(strategy))
+
+
+def test_muon_routes_by_role():
+    cfg = load_config(None, ["optim.name=muon", "scale.strategy=unified"])
+    m = _tiny_model()
+    opt = build_optimizer(m, cfg.optim, cfg.scale.weight_decay)
+    muon_roles = {g["role"] for g in opt.optimizers["muon"].param_groups}
+    adam_roles = {g["role"] for g in opt.optimizers["adamw"].param_groups}
+    assert muon_roles == {Role.MATRIX.value}
+    assert adam_roles == {"embedding", "head", "input_scale", "output_scale"}
+    assert all(p.ndim == 2 for g in opt.optimizers["muon"].param_groups for p in g["params"])
+    x = torch.randint(0, 64, (2, 16))
+    m(x, x).backward()
+    opt.step()
+
+
+def test_lr_multipliers_and_decay_reach_groups():
+    cfg = load_config(None, ["optim.lr=0.01", "optim.lr_mult={input_scale=3.0}", "scale.strategy=iwd"])
+    opt = build_optimizer(_tiny_model("iwd"), cfg.optim, cfg.scale.weight_decay)
+    g = {g["role"]: g for g in opt.param_groups}
+    assert g["input_scale"]["lr"] == pytest.approx(0.03) and g["input_scale"]["weight_decay"] == 0.1
+    assert g["matrix"]["lr"] == pytest.approx(0.01)
+
+
+def test_schedules():
+    s = load_config(None, ["schedule.name=cosine", "schedule.warmup=10", "schedule.min_lr_ratio=0.1"]).schedule
+    assert lr_factor(0, 100, s) == pytest.approx(0.1)
+    assert lr_factor(9, 100, s) == pytest.approx(1.0)
+    assert lr_factor(99, 100, s) == pytest.approx(0.1, abs=1e-3)
+    w = load_config(None, ["schedule.name=wsd", "schedule.warmup=0", "schedule.decay_fraction=0.2",
+                           "schedule.min_lr_ratio=0.0"]).schedule
+    assert [lr_factor(i, 100, w) for i in (0, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_factor(99, 100, w) == pytest.approx(0.0)
+    assert lr_factor(89, 100, w) == pytest.approx(0.5)
+    for shape, mid in (("cosine", 0.5), ("1-sqrt", 1 - math.sqrt(0.5))):
+        w.decay_shape = shape
+        assert lr_factor(89, 100, w) == pytest.approx(mid)
+    c = load_config(None, ["schedule.name=constant", "schedule.warmup=0"]).schedule
+    assert lr_factor(77, 100, c) == 1.0
+    lin = load_config(None, ["schedule.name=linear", "schedule.warmup=0", "schedule.min_lr_ratio=0"]).schedule
+    assert lr_factor(50, 100, lin) == pytest.approx(0.5, abs=0.02)
+
+
+def test_cli_reports_bad_key_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "scalevec", "train", "train.stepz=3", f"run.out={tmp_path / 'x'}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.stepz" in r.stderr
+    assert not (tmp_path / "x").exists()
