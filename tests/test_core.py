@@ -60,7 +60,7 @@ def test_gamma_equals_init(param, init):
     torch.testing.assert_close(sv(), torch.full((48,), init))
 
 
-@pytest.mark.parametrize("variant", [dict(magnitude="vector"), dict(sqrt_d=False), dict(er_exp="elementwise")])
+@pytest.mark.parametrize("variant", [{"magnitude": "vector"}, {"sqrt_d": False}, {"er_exp": "elementwise"}])
 def test_gamma_at_init_for_alternatives(variant):
     for param in ("or", "er"):
         sv = ScaleVector(32, param, Role.INPUT_SCALE, **variant)

@@ -11,7 +11,7 @@ from pathlib import Path
 CONFIG_HELP = "key=value overrides, e.g. model.preset=tiny scale.strategy=unified optim.name=muon train.steps=300"
 
 
-def _load(args) -> "Config":  # noqa: F821
+def _load(args) -> Config:  # noqa: F821
     from scalevec.config import load_config
 
     return load_config(args.config, args.overrides)

@@ -92,7 +92,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         t, o = self.train, self.optim
         checks = [
             (t.steps > 0, "train.steps", f"must be positive, got {t.steps}"),

@@ -72,7 +72,7 @@ class ScaleConfig:
     # Role of a gain by its slot name (e.g. "attn.v.out", "mlp.up.out", "qk_norm"); see layers.default roles.
     roles: dict[str, Role] = field(default_factory=dict)
 
-    def apply_table(self, table: dict[str, Any], prefix: str = "scale.") -> "ScaleConfig":
+    def apply_table(self, table: dict[str, Any], prefix: str = "scale.") -> ScaleConfig:
         """Preset first, then the explicit keys on top (so ``strategy=unified mlp.param=er`` works)."""
         if "strategy" in table:
             name = table["strategy"]
