@@ -227,3 +227,16 @@ def test_gqa_and_tied_shapes():
     assert m.head.weights["head"] is m.embed
     x = torch.randint(0, 96, (1, 8))
     assert m(x).shape == (1, 8, 96)
+
+
+def test_deepcopy_keeps_roles():
+    m = tiny("unified", tie=True)
+    c = copy.deepcopy(m)
+    assert param_roles(c) == param_roles(m)
+
+
+@pytest.mark.parametrize("param", ["or", "er"])
+def test_set_value_keeps_direction_norm_of_init(param):
+    sv = ScaleVector(64, param, Role.INPUT_SCALE)
+    sv.set_value(torch.rand(64) + 0.5)
+    assert sv.direction.norm().item() == pytest.approx(64 ** 0.5, rel=1e-5)

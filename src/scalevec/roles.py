@@ -23,6 +23,7 @@ class Role(str, Enum):
 ROLE_NAMES = tuple(r.value for r in Role)
 SCALE_ROLES = (Role.INPUT_SCALE, Role.OUTPUT_SCALE)
 _ATTR = "_scalevec_role"
+_MAP = "_scalevec_roles"
 
 
 def tag(p: nn.Parameter, role: Role) -> nn.Parameter:
@@ -35,11 +36,24 @@ def role_of(p: torch.Tensor) -> Role | None:
 
 
 def param_roles(model: nn.Module) -> dict[str, Role]:
-    """Name -> role for every parameter; raises if one was left untagged (a bug in a layer)."""
+    """Name -> role for every parameter; raises if one was left untagged (a bug in a layer).
+
+    ``copy.deepcopy`` makes new Parameters without our attribute; ``remember_roles`` keeps a name -> role map
+    on the module (copied with it), from which the tags are restored.
+    """
+    saved: dict[str, Role] = getattr(model, _MAP, {})
     roles: dict[str, Role] = {}
     for name, p in model.named_parameters():
         r = role_of(p)
+        if r is None and name in saved:
+            r = role_of(tag(p, saved[name]))
         if r is None:
             raise RuntimeError(f"parameter {name!r} has no role; every layer must tag what it creates")
         roles[name] = r
     return roles
+
+
+def remember_roles(model: nn.Module) -> nn.Module:
+    """Store the role map on ``model`` so copies of it (deepcopy, pickling) keep their roles."""
+    object.__setattr__(model, _MAP, param_roles(model))
+    return model

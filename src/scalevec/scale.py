@@ -77,15 +77,20 @@ class ScaleVector(nn.Module):
         if self.magnitude_kind != "scalar":
             raise ValueError("set_value supports scalar magnitudes only")
         norm = value.norm(dim=-1, keepdim=True)
-        scale = norm / math.sqrt(self.dim) if self.sqrt_d else norm
+        # Keep ‖α‖ = √d as at init, so the optimizer sees the same geometry after a retrofit as after init.
+        unit = value / norm * math.sqrt(self.dim)
+        m = norm / math.sqrt(self.dim) if self.sqrt_d else norm
         if self.param == "or":
-            self.magnitude.copy_(scale)
-            self.direction.copy_(value / norm)
+            self.magnitude.copy_(m)
+            self.direction.copy_(unit)
+        elif self.er_exp == "magnitude":
+            self.magnitude.copy_(m.log())
+            self.direction.copy_(unit)
         else:
-            if (value <= 0).any() and self.er_exp == "elementwise":
+            if (value <= 0).any():
                 raise ValueError("ER with an elementwise exp cannot represent non-positive gains")
-            self.magnitude.copy_(scale.log())
-            self.direction.copy_(value / norm if self.er_exp == "magnitude" else (value / norm).log())
+            self.magnitude.copy_(m.log())
+            self.direction.copy_(value.log())  # exp(α)/‖exp(α)‖ = value/‖value‖
 
     def _shape(self) -> torch.Size:
         return (self.gamma if self.param == "plain" else self.direction).shape

@@ -1,0 +1,5 @@
+import sys
+
+from scalevec.theory import main
+
+sys.exit(main())
