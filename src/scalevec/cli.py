@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     from scalevec.train.checkpoint import CheckpointError
     from scalevec.train.trainer import TrainingError
 
-    errors += (CheckpointError, TrainingError)
+    errors += (CheckpointError, TrainingError, OSError)  # OSError: a full disk, a missing or read-only path
     try:
         return args.fn(args)
     except errors as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted; the newest checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,15 +101,23 @@ class Config:
             (t.seq_len > 0, "train.seq_len", f"must be positive, got {t.seq_len}"),
             (t.grad_accum > 0, "train.grad_accum", f"must be positive, got {t.grad_accum}"),
             (t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}"),
+            (t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}"),
+            (t.ckpt_every >= 0, "train.ckpt_every", f"must be >= 0 (0: only at the end), got {t.ckpt_every}"),
             (t.keep_ckpts >= 1, "train.keep_ckpts", f"must be >= 1, got {t.keep_ckpts}"),
-            (o.lr > 0, "optim.lr", f"must be positive, got {o.lr}"),
-            (o.muon_lr > 0, "optim.muon_lr", f"must be positive, got {o.muon_lr}"),
-            (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
-            (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}"),
+            (t.threads >= 0, "train.threads", f"must be >= 0 (0: torch's default), got {t.threads}"),
+            (0 < o.lr < math.inf, "optim.lr", f"must be positive and finite, got {o.lr}"),
+            (0 < o.muon_lr < math.inf, "optim.muon_lr", f"must be positive and finite, got {o.muon_lr}"),
+            (all(0 <= b < 1 for b in o.betas), "optim.betas", f"must each be in [0, 1), got {o.betas}"),
+            (o.eps > 0, "optim.eps", f"must be positive, got {o.eps}"),
+            (0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}"),
+            (0 <= o.weight_decay < math.inf, "optim.weight_decay",
+             f"must be >= 0 and finite, got {o.weight_decay}"),
+            (0 <= o.grad_clip < math.inf, "optim.grad_clip", f"must be >= 0 and finite, got {o.grad_clip}"),
             (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]"),
             (0 <= self.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in [0, 1]"),
-            (self.schedule.warmup >= 0, "schedule.warmup", "must be >= 0"),
+            (0 <= self.schedule.warmup < math.inf, "schedule.warmup", "must be >= 0 and finite"),
             (0 < self.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
+            (self.data.val_tokens >= 1, "data.val_tokens", f"must be positive, got {self.data.val_tokens}"),
             (self.data.vocab_size >= 257, "data.vocab_size", "must be at least 257 (bytes plus end-of-text)"),
         ]
         for ok, key, msg in checks:

@@ -7,10 +7,47 @@ or the LM head), the convention of the paper's size ladders and of Chinchilla-st
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from scalevec.typed_config import ConfigError, update
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward (``num_experts = 0``: the dense MLP). Dropless token-choice top-k."""
+
+    num_experts: int = 0  # routed experts E
+    top_k: int = 2
+    d_expert: int = 0  # hidden width of every expert (routed and shared); 0: model.d_ff
+    num_shared: int = 0  # always-active shared experts (DeepSeek style), each of width d_expert
+    first_dense: int = 0  # the first k layers keep the dense MLP of width model.d_ff
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renorm: bool = True  # renormalise the k selected weights to sum to 1 (top-1 softmax: leave off)
+    route_scale: float = 1.0  # multiplies the routed experts' weights (DeepSeek's routed scaling factor)
+    aux_coef: float = 0.01  # Switch/GShard load-balancing loss coefficient; 0 disables
+    aux_scope: Literal["micro_batch", "sequence"] = "micro_batch"  # tokens over which load is balanced
+    z_coef: float = 0.001  # router z-loss coefficient; 0 disables
+    bias_rate: float = 0.0  # aux-loss-free expert bias step per optimizer step (DeepSeek-V3: 1e-3); 0 disables
+
+    def validate(self, n_layers: int, prefix: str = "model.moe.") -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"{prefix}num_experts: must be >= 0, got {self.num_experts}")
+        if self.num_experts == 0:
+            return
+        checks = [
+            (1 <= self.top_k <= self.num_experts, "top_k", f"must be in [1, num_experts={self.num_experts}]"),
+            (self.d_expert >= 0, "d_expert", "must be >= 0 (0: model.d_ff)"),
+            (self.num_shared >= 0, "num_shared", "must be >= 0"),
+            (0 <= self.first_dense <= n_layers, "first_dense", f"must be in [0, n_layers={n_layers}]"),
+            (self.route_scale > 0, "route_scale", "must be positive"),
+            (self.aux_coef >= 0, "aux_coef", "must be >= 0"),
+            (self.z_coef >= 0, "z_coef", "must be >= 0"),
+            (self.bias_rate >= 0, "bias_rate", "must be >= 0"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"{prefix}{key}: {msg}, got {getattr(self, key)}")
 
 
 @dataclass
@@ -28,6 +65,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     @property
     def head_dim(self) -> int:
@@ -45,7 +83,7 @@ class ModelConfig:
     def post_norm(self) -> bool:
         return self.style == "gemma"
 
-    def apply_table(self, table: dict[str, Any], prefix: str = "model.") -> "ModelConfig":
+    def apply_table(self, table: dict[str, Any], prefix: str = "model.") -> ModelConfig:
         base = model_preset(table["preset"]) if "preset" in table else copy.deepcopy(self)
         update(base, {k: v for k, v in table.items() if k != "preset"}, prefix=prefix)
         base.validate(prefix)
@@ -63,6 +101,7 @@ class ModelConfig:
             raise ConfigError(f"{prefix}n_kv_heads: {self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.vocab_size < 0:
             raise ConfigError(f"{prefix}vocab_size: must be >= 0, got {self.vocab_size}")
+        self.moe.validate(self.n_layers, f"{prefix}moe.")
 
 
 # name: (d_model, n_layers, n_heads, n_kv_heads, d_ff, default vocab); non-embedding count in the comment.
@@ -74,10 +113,29 @@ _SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "1b": (2048, 16, 32, 8, 8192),  # 973M (Llama-3.2-1B shape)
     "2b": (2048, 32, 32, 8, 8192),  # 1.95B
 }
-MODEL_PRESETS = tuple(_SIZES)
+# MoE presets are named by *active* non-embedding parameters, so they sit on the dense ladder's compute axis
+# (6·N_active·D): the dense preset's attention and depth, E experts top-k of width d_ff/k, so a token's expert
+# MLP equals the dense one and the experts hold E/k = 4 times its MLP. Non-embedding counts, active / total
+# (``scalevec info``): moe-tiny 1.05M / 3.4M, moe-small 6.3M / 20M, moe-0.12b 120M / 397M,
+# moe-0.5b 0.50B / 1.53B, moe-1b 0.97B / 3.4B, moe-2b 1.95B / 6.8B.
+# name: (dense base, num_experts, top_k, d_expert)
+_MOE_SIZES: dict[str, tuple[str, int, int, int]] = {
+    "moe-tiny": ("tiny", 8, 2, 256),
+    "moe-small": ("small", 8, 2, 512),
+    "moe-0.12b": ("0.12b", 16, 4, 832),
+    "moe-0.5b": ("0.5b", 16, 4, 928),
+    "moe-1b": ("1b", 16, 4, 2048),
+    "moe-2b": ("2b", 16, 4, 2048),
+}
+MODEL_PRESETS = (*_SIZES, *_MOE_SIZES)
 
 
 def model_preset(name: str) -> ModelConfig:
+    if name in _MOE_SIZES:
+        base, e, k, d_expert = _MOE_SIZES[name]
+        cfg = model_preset(base)
+        cfg.preset, cfg.moe = name, MoEConfig(num_experts=e, top_k=k, d_expert=d_expert)
+        return cfg
     if name not in _SIZES:
         raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
     d, n_layers, n_heads, n_kv, d_ff = _SIZES[name]

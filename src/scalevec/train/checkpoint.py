@@ -1,9 +1,12 @@
 """Checkpoints: weights as safetensors, everything else through ``torch.load(weights_only=True)``.
 
 A checkpoint is a folder ``RUN_DIR/checkpoints/step_XXXXXXXX`` holding ``model.safetensors``, ``state.pt``
-(optimizer, RNG, data position, counters) and ``manifest.json`` (sha256 of both). It is written into a temporary
-folder and renamed into place, so a crash mid-write never leaves a folder that looks complete, and the previous
-checkpoint survives. Loading verifies the checksums; a corrupt checkpoint is reported and skipped.
+(optimizer, RNG, data position, counters) and ``manifest.json`` (sha256 of both). It is written into a
+temporary folder ``.tmp_*``, fsynced and renamed into place, so a crash mid-write never leaves a ``step_*``
+folder that looks complete, and the previous checkpoint survives. Old checkpoints are pruned (and a checkpoint
+replaced) by renaming them to ``.tmp_*`` first, so a crash mid-delete never leaves a half-deleted ``step_*``
+folder either. ``.tmp_*`` folders are leftovers of a crash, removed by the next save or resume. Loading
+verifies the checksums; a corrupt checkpoint is reported in one line and skipped. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
-from dataclasses import dataclass
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,10 +26,46 @@ from safetensors.torch import load_file, save_file
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "state.pt")
+MANIFEST = "manifest.json"
+TMP_PREFIX = ".tmp_"  # incomplete writes and checkpoints being deleted; never read, removed on the next save
+CORRUPT_PREFIX = "corrupt_"  # corrupt checkpoints set aside by a resume, kept for inspection
+FAULT_ENV = "SCALEVEC_FAULT"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming it and the problem."""
+
+
+def injected_fault(kind: str) -> tuple[int, str] | None:
+    """Test-only fault injection, inert unless ``$SCALEVEC_FAULT`` is set; (step, argument) of ``kind``.
+
+    ``SCALEVEC_FAULT`` holds comma-separated ``kind:STEP[:ARG]`` items. ``kill_in_ckpt:STEP[:STAGE]`` SIGKILLs
+    the process while it saves the checkpoint of STEP, after STAGE (``model.safetensors`` by default, then
+    ``state.pt``, ``manifest.json``, ``rename``, ``prune``); the trainer reads ``nan_grad:STEP[:ROLE]`` and
+    ``inf_loss:STEP``. Read once per checkpoint or run, never per step.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    for item in spec.split(","):
+        name, _, rest = item.strip().partition(":")
+        if name == kind:
+            step, _, arg = rest.partition(":")
+            return int(step), arg
+    return None
+
+
+def _kill_hook(step: int) -> Callable[[str], None]:
+    fault = injected_fault("kill_in_ckpt")
+    if fault is None or fault[0] != step:
+        return lambda stage: None
+    target = fault[1] or FILES[0]
+
+    def kill(stage: str) -> None:
+        if stage == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def sha256(path: Path) -> str:
@@ -34,12 +76,26 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` whole: readers and a crash see the old content or the new, never a torn file."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}_{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,31 +111,92 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _move_aside(path: Path) -> Path:
+    """Rename a folder to ``.tmp_del_*`` before deleting it, so that no crash can leave it half deleted under
+    its own name; the next save removes what a crash left."""
+    aside = path.with_name(f"{TMP_PREFIX}del_{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    return aside
+
+
+def remove_stale(run_dir: Path) -> int:
+    """Remove the ``.tmp_*`` leftovers of crashed writes and deletes; returns how many there were."""
+    root = Path(run_dir) / CKPT_DIR
+    stale = list(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
+def _tensor_bytes(obj: object) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _write_error(e: BaseException, run_dir: Path, final: Path, needed: int) -> CheckpointError:
+    """One line: what failed, whether the disk is full, and the checkpoint a resume would use.
+
+    Called before the partial write is removed, so the free space is what the write ran into. A full disk
+    surfaces as OSError, as SafetensorError or as torch's "unexpected pos" RuntimeError; the free space
+    names the cause whatever the type.
+    """
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
+    try:
+        free = shutil.disk_usage(final.parent).free
+    except OSError:
+        free = needed
+    if free < needed:
+        reason = (f"the disk is full: {free / 2**20:.1f} MiB free, about {needed / 2**20:.1f} MiB needed "
+                  f"({reason})")
+    prev = list_checkpoints(run_dir)
+    kept = f"the previous checkpoint {prev[-1].name} is intact" if prev else "no earlier checkpoint exists"
+    return CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}")
+
+
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, keep: int) -> Path:
     """Write atomically, then prune to the newest ``keep`` checkpoints. Raises CheckpointError on failure."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale(run_dir)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root / f"{TMP_PREFIX}{final.name}_{os.getpid()}"
+    fault = _kill_hook(step)
+    replaced = None
     try:
         tmp.mkdir()
         save_file(unique_tensors(model_state), str(tmp / FILES[0]), metadata={"step": str(step)})
+        fault(FILES[0])
         torch.save(state, tmp / FILES[1])
+        fault(FILES[1])
         manifest = {"step": step, "sha256": {f: sha256(tmp / f) for f in FILES}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        for f in (*FILES, "manifest.json"):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        fault(MANIFEST)
+        for f in (*FILES, MANIFEST):
+            _fsync(tmp / f)
+        _fsync(tmp)
+        if final.exists():  # the same step saved again: replace it whole
+            replaced = _move_aside(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-    except OSError as e:
+        _fsync(root)
+    except Exception as e:  # a full disk surfaces as OSError, SafetensorError or torch's RuntimeError
+        if replaced is not None and not final.exists():
+            os.rename(replaced, final)
+        error = _write_error(e, run_dir, final, _tensor_bytes(model_state) + _tensor_bytes(state))
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}") from None
+        raise error from e
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    fault("rename")
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        aside = _move_aside(old)
+        fault("prune")
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
@@ -91,14 +208,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def verify(ckpt: Path) -> None:
-    mf = ckpt / "manifest.json"
+    mf = ckpt / MANIFEST
     if not mf.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no manifest.json (incomplete write)")
+        raise CheckpointError(f"checkpoint {ckpt} has no {MANIFEST} (incomplete write)")
     try:
         manifest = json.loads(mf.read_text())
         expected = manifest["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {ckpt}: manifest.json is unreadable") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {ckpt}: {MANIFEST} is unreadable") from None
     for f in FILES:
         p = ckpt / f
         if not p.is_file():
@@ -113,19 +230,31 @@ class Loaded:
     model_state: dict[str, torch.Tensor]
     state: dict
     skipped: list[str]  # one line per newer checkpoint that was corrupt
+    corrupt: list[Path] = field(default_factory=list)  # those checkpoints, newest first
 
 
 def load_latest(run_dir: Path) -> Loaded | None:
     """The newest checkpoint that verifies; corrupt newer ones are listed in ``skipped``."""
-    skipped = []
+    skipped, corrupt = [], []
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
-            return Loaded(ckpt, *load_checkpoint(ckpt), skipped=skipped)
+            return Loaded(ckpt, *load_checkpoint(ckpt), skipped=skipped, corrupt=corrupt)
         except CheckpointError as e:
             skipped.append(str(e))
+            corrupt.append(ckpt)
     if skipped:
-        raise CheckpointError(f"no valid checkpoint in {run_dir}: {skipped[-1]}")
+        raise CheckpointError(f"no valid checkpoint in {run_dir}: all {len(skipped)} are corrupt, the "
+                              f"newest: {skipped[0]}")
     return None
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a corrupt checkpoint ``corrupt_step_*``: out of the way of resume and pruning, kept to study."""
+    aside = ckpt.with_name(CORRUPT_PREFIX + ckpt.name)
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(ckpt, aside)
+    return aside
 
 
 def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -133,10 +262,22 @@ def load_checkpoint(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         model_state = load_file(str(ckpt / FILES[0]))
     except Exception as e:  # safetensors raises its own error types on malformed headers
-        raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is unreadable ({e})") from None
+        raise CheckpointError(f"checkpoint {ckpt}: {FILES[0]} is unreadable ({_first_line(e)})") from e
     try:
         state = torch.load(ckpt / FILES[1], weights_only=True, map_location="cpu")
     except Exception as e:  # pickle payloads with non-allowlisted globals land here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {ckpt}: state.pt refused by the safe loader ({first})") from None
+        reason = _unpickle_reason(e)
+        raise CheckpointError(f"checkpoint {ckpt}: {FILES[1]} refused by the safe loader ({reason})") from e
     return model_state, state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _unpickle_reason(e: BaseException) -> str:
+    """torch's weights-only refusal is a page of advice; the line that matters names the global."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if found:
+        return f"it would import {found[1]}: a pickle payload, not plain tensors and containers"
+    return _first_line(e)

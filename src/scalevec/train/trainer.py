@@ -1,5 +1,6 @@
-"""The training loop: grad accumulation, clipping, autocast, eval on a fixed held-out set, metrics, checkpoints,
-exact resume. Single process or torchrun (DDP / FSDP2)."""
+"""The training loop: grad accumulation, clipping, autocast, eval on a fixed held-out set, metrics,
+checkpoints, exact resume. Single process or torchrun (DDP / FSDP2). docs/reliability.md: what survives which
+fault."""
 
 from __future__ import annotations
 
@@ -20,7 +21,16 @@ from scalevec.models import build_model
 from scalevec.optim import build_optimizer, lr_factor, set_lr
 from scalevec.roles import param_roles
 from scalevec.train import distributed as D
-from scalevec.train.checkpoint import CheckpointError, list_checkpoints, load_latest, save_checkpoint
+from scalevec.train.checkpoint import (
+    CheckpointError,
+    injected_fault,
+    list_checkpoints,
+    load_latest,
+    remove_stale,
+    save_checkpoint,
+    set_aside,
+    write_text_atomic,
+)
 from scalevec.train.run import save_tokenizer_files
 from scalevec.typed_config import load_toml
 
@@ -65,20 +75,35 @@ def check_resume_config(run_dir: Path, cfg: Config) -> None:
 
 
 class Metrics:
-    """``metrics.jsonl``: one JSON object per line; truncated to the resumed step so reruns never duplicate."""
+    """``metrics.jsonl``: one JSON object per line; truncated to the resumed step so reruns never duplicate.
+
+    Rows past the checkpoint a run resumes from were written by the crashed attempt; the resumed run writes
+    them again. A last line cut short by the crash is dropped. The truncation replaces the file atomically.
+    """
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("step", 0) <= resume_step:
+                    keep.append(line + "\n")
+            write_text_atomic(path, "".join(keep))
         elif enabled:
             path.write_text("")
 
     def write(self, **row) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                raise TrainingError(f"could not append to {self.path} ({e.strerror or e}); the newest "
+                                    "checkpoint is intact") from e
 
 
 @dataclass
@@ -97,10 +122,12 @@ def _data(cfg: Config, info: D.DistInfo):
         spec = resolve_data(cfg.data)
     resolve_vocab(cfg, spec.vocab_size)
     t = cfg.train
+    # Ids are checked against the tokenizer's vocabulary, not the padded embedding: an id in the padding
+    # would train silently on rows no tokenizer ever emits.
     loader = TokenLoader(spec.train_files, t.batch_size, t.seq_len, seed=cfg.data.seed, rank=info.rank,
-                         world_size=info.world_size, vocab_size=cfg.model.vocab_size)
+                         world_size=info.world_size, vocab_size=spec.vocab_size)
     evals = eval_batches(spec.val_files, t.batch_size, t.seq_len, cfg.data.val_tokens,
-                         vocab_size=cfg.model.vocab_size)
+                         vocab_size=spec.vocab_size)
     return spec, Batches(loader, evals)
 
 
@@ -141,8 +168,11 @@ def _optim_state(model, optimizer, mode: str, info: D.DistInfo) -> dict:
 
 def _load_states(model, optimizer, model_state, optim_state, mode: str, info: D.DistInfo) -> None:
     if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_model_state_dict(model, model_state, options=opts)
@@ -152,20 +182,42 @@ def _load_states(model, optimizer, model_state, optim_state, mode: str, info: D.
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     tied = {"head.weights.head"} if model.cfg.tie_embeddings else set()
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
+        raise CheckpointError(f"checkpoint does not match the model: missing "
+                              f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     if optim_state is not None:  # None: an imported model, the optimizer starts fresh
         optimizer.load_state_dict(optim_state)
 
 
-def _group_grad_norms(optimizer) -> dict[str, float]:
-    out = {}
+def _nonfinite_groups(optimizer, info: D.DistInfo) -> list[str]:
+    """``role (first: param name)`` for each group whose gradient norm is not finite. Failure path only.
+
+    Sharded (FSDP) gradients are checked shard by shard and the flags OR-reduced, so every rank names the
+    same groups without gathering a gradient.
+    """
+    named = [(g["role"], n, p) for g in optimizer.param_groups
+             for n, p in zip(g["names"], g["params"], strict=True)]
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for _, _, p in named]
+    flags = torch.tensor([x is not None and not bool(torch.isfinite(x).all()) for x in local],
+                         dtype=torch.int32)
+    if info.enabled:
+        flags = flags.to(named[0][2].device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    first: dict[str, str] = {}
+    for (role, name, _), bad in zip(named, flags.tolist(), strict=True):
+        if bad and role not in first:
+            first[role] = name
+    return [f"{role} (first: {name})" for role, name in first.items()]
+
+
+def _poison_grad(optimizer, role: str) -> None:
+    """Test-only fault (``SCALEVEC_FAULT=nan_grad:STEP[:ROLE]``): a NaN in one gradient of group ``role``."""
     for g in optimizer.param_groups:
-        grads = [p.grad for p in g["params"] if p.grad is not None]
-        if grads:
-            out[g["role"]] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x.float())
-                                                                   for x in grads])).item()
-    return out
+        if role in ("", g["role"]):
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = math.nan
+                    return
+    raise TrainingError(f"SCALEVEC_FAULT nan_grad: no gradient in a group named {role!r}")
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -192,10 +244,33 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo)
         raise ConfigError(f"run.out: {run_dir} already holds a run; pass --resume to continue it or choose "
                           "another run.out")
     D.barrier(info)  # every rank has checked before the main rank writes
-    if info.main:
+    if info.main and not resume:  # a resume rewrites config.toml once its checkpoint has loaded
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        write_text_atomic(run_dir / "config.toml", cfg.to_toml())
     D.barrier(info)
+
+
+def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, info: D.DistInfo):
+    """Load the newest valid checkpoint into the model, optimizer, data loader and RNG.
+
+    None when there is none yet (a run killed before its first checkpoint starts over). Writes nothing: a
+    resume that does not fit is refused before the run folder is touched.
+    """
+    loaded = load_latest(run_dir)
+    if loaded is None:
+        return None
+    st = loaded.state
+    try:
+        _load_states(model, optimizer, loaded.model_state, st["optimizer"], cfg.dist.mode, info)
+        if st["loader"] is not None:  # None: an imported model at step 0, data starts fresh
+            pos = st["loader"]
+            loader.load_state_dict(pos[info.rank] if isinstance(pos, list) else pos)
+    except (ValueError, KeyError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"resume: {loaded.path} does not fit this config ({reason}); resume with the saved "
+                          "config or start a new run.out") from e
+    torch.set_rng_state(st["rng"])
+    return loaded
 
 
 def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, run_dir: Path) -> dict:
@@ -217,20 +292,24 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
 
     start, tokens, wall_prev, skipped_steps = 0, 0, 0.0, 0
     if resume:
-        loaded = load_latest(run_dir)
+        target = wrapped if cfg.dist.mode == "fsdp" else model
+        loaded = _resume(run_dir, cfg, target, optimizer, batches.loader, info)
+        D.barrier(info)  # every rank has loaded before the main rank changes the run folder
         if loaded is not None:
-            for line in loaded.skipped:
-                print(f"warning: {line}; falling back to an older checkpoint", flush=True)
             st = loaded.state
-            _load_states(wrapped if cfg.dist.mode == "fsdp" else model, optimizer, loaded.model_state, st["optimizer"], cfg.dist.mode, info)
-            if st["loader"] is not None:  # None: an imported model at step 0, data starts fresh
-                batches.loader.load_state_dict(st["loader"][info.rank] if isinstance(st["loader"], list)
-                                               else st["loader"])
-            torch.set_rng_state(st["rng"])
             start, tokens, wall_prev = st["step"], st["tokens"], st["wall_s"]
             skipped_steps = st.get("skipped_steps", 0)
             if info.main:
-                print(f"resumed from {loaded.path} at step {start}", flush=True)
+                for line, ckpt in zip(loaded.skipped, loaded.corrupt, strict=True):
+                    aside = set_aside(ckpt)
+                    print(f"warning: {line}; set aside as {aside.name}; falling back to {loaded.path.name}",
+                          flush=True)
+        if info.main:
+            if n := remove_stale(run_dir):
+                print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
+            write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+            print(f"resumed from {loaded.path} at step {start}" if loaded else
+                  f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
     metrics = Metrics(run_dir / "metrics.jsonl", info.main, start if resume else None)
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * info.world_size
@@ -255,11 +334,17 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             save_checkpoint(run_dir, step, mstate, state, t.keep_ckpts)
         D.barrier(info)
 
+    # Test-only faults (docs/reliability.md): step numbers as in metrics.jsonl, -1 when unset.
+    nan_fault, inf_fault = injected_fault("nan_grad"), injected_fault("inf_loss")
+    nan_step, nan_role = nan_fault or (-1, "")
+    inf_step = inf_fault[0] if inf_fault else -1
+
     t0 = time.perf_counter()
     tick, tick_tokens = time.perf_counter(), 0
     val_loss = math.nan
     wrapped.train()
     for step in range(start, t.steps):
+        done = step + 1  # the step number of metrics rows and checkpoints: updates applied after this one
         lr = lr_factor(step, t.steps, cfg.schedule)
         set_lr(optimizer, lr, cfg.optim)
         loss_sum = torch.zeros((), device=device)
@@ -271,43 +356,52 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
                 sync = wrapped.no_sync()
             with sync, _autocast(cfg, device):
                 loss = step_fn(x, y)
+                if done == inf_step:
+                    loss = loss * math.inf
                 aux = model.aux_loss()
                 total = loss if aux is None else loss + aux
             (total / t.grad_accum).backward()
             loss_sum += loss.detach().float()
-        clip = cfg.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), clip)
+        if done == nan_step:
+            _poison_grad(optimizer, nan_role)
+        # clip_grad_norm_ split in two: clipping with a non-finite norm would smear NaN over every gradient
+        # and hide which groups diverged.
+        params = [p for p in wrapped.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         train_loss = D.all_reduce_mean(loss_sum / t.grad_accum, info)
         finite = bool(torch.isfinite(train_loss) and torch.isfinite(grad_norm))
         if not finite:
-            groups = _group_grad_norms(optimizer)
-            bad = [k for k, v in groups.items() if not math.isfinite(v)] or ["none (the loss itself)"]
+            what = "loss" if not torch.isfinite(train_loss) else "gradient"
+            bad = _nonfinite_groups(optimizer, info) or ["none"]
+            diag = (f"non-finite {what} at step {done} (loss {train_loss.item():.4g}, grad norm "
+                    f"{grad_norm.item():.4g}); groups with a non-finite gradient norm: {'; '.join(bad)}")
             if t.on_nonfinite == "stop":
                 if progress:
                     progress.close()
-                raise TrainingError(
-                    f"non-finite {'loss' if not torch.isfinite(train_loss) else 'gradient'} at step {step}: "
-                    f"loss={train_loss.item():.4g}, grad_norm={grad_norm.item():.4g}; groups with non-finite "
-                    f"gradient norm: {', '.join(bad)}; the last good checkpoint is kept in {run_dir}"
-                )
+                kept = list_checkpoints(run_dir)
+                kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint yet"
+                raise TrainingError(f"{diag}; {kept_msg}; train.on_nonfinite=skip skips such steps instead")
             skipped_steps += 1
+            if info.main:
+                print(f"warning: {diag}; step skipped ({skipped_steps} so far)", flush=True)
             optimizer.zero_grad(set_to_none=True)
         else:
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for m in hooks:
                 m.after_optimizer_step()
         tokens += tokens_per_step
         tick_tokens += tokens_per_step
-        done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             now = time.perf_counter()
             tps = tick_tokens / max(now - tick, 1e-9)
             tick, tick_tokens = now, 0
-            row = dict(step=done, tokens=tokens, train_loss=train_loss.item(), lr=lr * cfg.optim.lr,
-                       lr_factor=lr, grad_norm=grad_norm.item(), tok_per_s=tps)
+            row = {"step": done, "tokens": tokens, "train_loss": train_loss.item(), "lr": lr * cfg.optim.lr,
+                   "lr_factor": lr, "grad_norm": grad_norm.item(), "tok_per_s": tps}
             if skipped_steps:
                 row["skipped_steps"] = skipped_steps
             aux = model.aux_loss()
@@ -320,7 +414,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             progress.update(1)
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
             val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
-            row = dict(step=done, tokens=tokens, val_loss=val_loss)
+            row = {"step": done, "tokens": tokens, "val_loss": val_loss}
             for m in eval_hooks:
                 row.update(m.eval_metrics())
             metrics.write(**row)
@@ -334,7 +428,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
     wall = wall_prev + time.perf_counter() - t0
     summary = {
-        "final_val_loss": val_loss, "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+        "final_val_loss": val_loss, "params": counts["total"],
+        "non_embedding_params": counts["non_embedding"],
         "scale_vector_params": counts["scale_vector"], "scale_vector_share": counts["scale_vector_share"],
         "tokens": tokens, "steps": t.steps, "wall_s": wall, "tok_per_s": tokens / max(wall, 1e-9),
         "strategy": cfg.scale.strategy, "model": cfg.model.preset, "optimizer": cfg.optim.name,
@@ -345,5 +440,5 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         if k in counts:
             summary[f"{k}_params"] = counts[k]
     if info.main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
