@@ -54,7 +54,7 @@ def cmd_eval(args) -> int:
     device = pick_device(cfg.train.device)
     spec = resolve_data(cfg.data)
     batches = eval_batches(spec.val_files, cfg.train.batch_size, cfg.train.seq_len, cfg.data.val_tokens,
-                           vocab_size=cfg.model.vocab_size)
+                           vocab_size=spec.vocab_size)
     loss = evaluate(run.model.to(device), batches, cfg, device)
     print(json.dumps({"run": str(run.path), "step": run.step, "val_loss": loss}, indent=1))
     return 0
@@ -167,6 +167,11 @@ def _extensions():
 def main(argv: list[str] | None = None) -> int:
     from scalevec.typed_config import ConfigError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "theory":  # its own parser: argparse.REMAINDER would not pass on --help/--out
+        from scalevec.theory import main as theory_main
+
+        return theory_main(argv[1:])
     args = build_parser().parse_args(argv)
     errors: tuple[type[BaseException], ...] = (ConfigError,)
     try:

@@ -67,6 +67,14 @@ class Decoder(nn.Module):
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
+    def active_params(self) -> dict[str, int]:
+        """Parameters a token uses (MoE: top-k routed plus shared experts); empty for a dense model."""
+        if self.cfg.moe.num_experts == 0:
+            return {}
+        from scalevec.models.moe import active_params
+
+        return active_params(self)
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of auxiliary losses recorded by the last forward (MoE load balancing), if any."""
         losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
