@@ -1,13 +1,18 @@
 """Building blocks: a norm site with its linear branches ``u ⊙ [Norm] W (v ⊙ x̂)``, attention and MLP.
 
-Where a gain is applied is chosen for cost, not for form: a gain shared by all branches of a site rides in
-``F.rms_norm``'s weight (fused, no extra pass over activations); branch-specific input gains and DP output gains
-are multiplied into the weight (O(d_out·d_in) per step instead of O(tokens·d) per branch), so HG and DP keep one
-fused matmul per site.
+Where a gain is applied is chosen for cost, not for form (measurements in ``docs/performance.md``):
+
+- a gain shared by all branches of a site rides in ``F.rms_norm``'s weight (one norm for all branches);
+- branch-specific input gains (HG) and DP output gains are multiplied into the weight by ``scaled_weight``
+  (O(d_out·d_in) per step instead of O(tokens·d) per branch), so every site stays one fused matmul;
+- with DNP on the MLP, γ_up feeds W_down and is multiplied into W_down's columns; the two branch norms, γ_gate
+  and SwiGLU run as one autograd function (``dnp_swiglu``) that keeps only what plain SwiGLU keeps;
+- on CPU under bf16 autocast, attention runs in fp32 (torch's CPU flash kernel is faster there in fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -29,6 +34,92 @@ class BranchDef:
     # γ_a of this branch feeds a linear map (v -> W_o, up -> W_down): then it is Input-role for IWD.
     out_feeds_linear: bool = False
     norm_group: int = 0  # DNP normalises over groups of this size (head_dim for q/k/v); 0: whole output
+
+
+class _ScaledWeight(torch.autograd.Function):
+    """``diag(u) · W · diag(v)`` that keeps only its inputs for backward.
+
+    Autograd's two multiplies would keep ``W · diag(v)``, a weight-sized fp32 tensor per DP branch, alive from
+    forward to backward; the gradients recomputed here cost what the multiplies cost anyway."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, v: torch.Tensor | None, u: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(w, v, u)
+        if v is not None:
+            w = w * v
+        if u is not None:
+            w = w * u.unsqueeze(-1)
+        return w
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        w, v, u = ctx.saved_tensors
+        gv = gu = None
+        gw = g * w  # d/d(diag(u) W diag(v)) contracted with W: both gain gradients are reductions of it
+        if v is not None and ctx.needs_input_grad[1]:
+            gv = (gw if u is None else gw * u.unsqueeze(-1)).sum(0)
+        if u is not None and ctx.needs_input_grad[2]:
+            gu = (gw if v is None else gw * v).sum(1)
+        if u is not None:
+            g = g * u.unsqueeze(-1)
+        if v is not None:
+            g = g * v
+        return g, gv, gu
+
+
+def scaled_weight(w: torch.Tensor, v: torch.Tensor | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """``diag(u) · W · diag(v)`` for a (d_out, d_in) weight: the input gain v scales columns, the output gain u
+    rows. ``W`` itself when both are ``None``."""
+    if v is None and u is None:
+        return w
+    return _ScaledWeight.apply(w, v, u)
+
+
+class _DNPSwiGLU(torch.autograd.Function):
+    """``silu(γ ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)`` with a hand-derived backward.
+
+    Saves only the two branch outputs, what plain SwiGLU saves (autograd through ``rms_norm`` would also keep
+    the normalised branches), and recomputes the rest in backward, differentiably (double backward works);
+    its backward graph is shorter than autograd's, so the kernel ``torch.compile`` fuses from it is faster
+    (``docs/performance.md``)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, gain)
+        ctx.eps = eps
+        xg, xu = _rms(gate, eps), _rms(up, eps)
+        return (F.silu(xg * gain) * xu).to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up, gain = ctx.saved_tensors
+        xg, rg = _rms(gate, ctx.eps, with_rstd=True)
+        xu, ru = _rms(up, ctx.eps, with_rstd=True)
+        dh = dh.to(xg.dtype)
+        a = xg * gain
+        s = torch.sigmoid(a)
+        silu = a * s
+        dsilu = dh * xu
+        da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
+        dgain = (da * xg).flatten(0, -2).sum(0)
+        # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
+        # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
+        dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
+        du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
+        return dg.to(gate.dtype), du.to(up.dtype), dgain, None
+
+
+def _rms(x: torch.Tensor, eps: float, with_rstd: bool = False):
+    """x / RMS(x) over the last dimension in at least fp32 (and the per-row 1/RMS with ``with_rstd``)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * r, r) if with_rstd else xf * r
+
+
+def dnp_swiglu(gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """SwiGLU of DNP branches: ``silu(gain ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)``, norms over the last dimension, in
+    fp32 inside; returns ``gate``'s dtype."""
+    return _DNPSwiGLU.apply(gate, up, gain, eps)
 
 
 def matrix(d_out: int, d_in: int, std: float, role: Role = Role.MATRIX) -> nn.Parameter:
@@ -77,29 +168,33 @@ class Site(nn.Module):
 
     def effective_weight(self, b: BranchDef, fold_output: bool) -> torch.Tensor:
         """W with the branch's own input gain (and, for DP, its output gain) multiplied in."""
-        w = self.weights[b.name]
-        if b.name in self.in_scales:
-            w = w * self.in_scales[b.name]().unsqueeze(0)
-        if fold_output and b.name in self.out_scales:
-            w = w * self.out_scales[b.name]().unsqueeze(1)
-        return w
+        v = self.in_scales[b.name]() if b.name in self.in_scales else None
+        u = self.out_scales[b.name]() if fold_output and b.name in self.out_scales else None
+        return scaled_weight(self.weights[b.name], v, u)
+
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every branch's ``W (v ⊙ x̂)`` (with DP's γ_a in W), before any norm on the branch outputs: one norm
+        and one matmul for all branches."""
+        h = self.norm(x)
+        ws = [self.effective_weight(b, fold_output=not self.spec.has_norm) for b in self.defs]
+        if len(ws) == 1:
+            return [F.linear(h, ws[0])]
+        return list(torch.split(F.linear(h, torch.cat(ws, 0)), self.splits, -1))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        h = self.norm(x)
-        dual = not self.spec.has_norm
-        ws = [self.effective_weight(b, fold_output=dual) for b in self.defs]
-        w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
-        ys = list(torch.split(F.linear(h, w), self.splits, -1)) if len(ws) > 1 else [F.linear(h, w)]
+        ys = self.project(x)
         if self.spec.has_norm:
             ys = [self._norm_out(b, y) for b, y in zip(self.defs, ys)]
         return ys
 
     def _norm_out(self, b: BranchDef, y: torch.Tensor) -> torch.Tensor:
+        # γ_a in y's dtype: an fp32 gain would promote a bf16 branch (and everything after it) to fp32.
+        gain = self.out_scales[b.name]().to(y.dtype) if b.name in self.out_scales else None
         g = b.norm_group or b.d_out
+        if g == b.d_out:
+            return F.rms_norm(y, (g,), gain, self.eps)
         y = F.rms_norm(y.unflatten(-1, (b.d_out // g, g)), (g,), None, self.eps).flatten(-2)
-        if b.name in self.out_scales:
-            y = y * self.out_scales[b.name]()
-        return y
+        return y if gain is None else y * gain
 
     @torch.no_grad()
     def folded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -123,7 +218,8 @@ class OutputNorm(nn.Module):
         self.gain: ScaleVector | None = make_scale(dim, param, Role.OUTPUT_SCALE, scale, slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.dim,), self.gain() if self.gain is not None else None, self.eps)
+        # The gain in x's dtype: rms_norm has no mixed-dtype kernel (a bf16 branch output under autocast).
+        return F.rms_norm(x, (self.dim,), self.gain().to(x.dtype) if self.gain is not None else None, self.eps)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +253,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
+        # CPU under bf16 autocast: attention (QK-norm, RoPE, SDPA) in fp32, where torch's CPU flash-attention
+        # kernel runs about twice as fast as in bf16; the projections stay bf16.
+        fp32 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32:
+            q, k, v = q.float(), k.float(), v.float()
         q = q.view(B, T, self.h, self.hd)
         k = k.view(B, T, self.kv, self.hd)
         v = v.view(B, T, self.kv, self.hd)
@@ -171,16 +272,21 @@ class Attention(nn.Module):
         if self.kv != self.h:
             k = k.repeat_interleave(self.h // self.kv, 1)
             v = v.repeat_interleave(self.h // self.kv, 1)
+        mask = None
         if causal and k.shape[2] != T:  # prefill into a non-empty cache: explicit causal offset mask
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            causal = False
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return F.linear(y.transpose(1, 2).reshape(B, T, self.h * self.hd), self.wo)
 
 
 class MLP(nn.Module):
-    """SwiGLU: W_down (silu(gate) * up), gate and up reading one norm site."""
+    """SwiGLU: W_down (silu(gate) * up), gate and up reading one norm site.
+
+    With DNP (a norm on the branch outputs), γ_up is multiplied into W_down's columns, where it acts anyway
+    (O(d·d_ff) per step instead of O(tokens·d_ff)), and the norms, γ_gate and SwiGLU run as ``dnp_swiglu``.
+    """
 
     def __init__(self, cfg, scale: ScaleConfig, d_ff: int | None = None):
         super().__init__()
@@ -192,5 +298,10 @@ class MLP(nn.Module):
         self.w_down = matrix(cfg.d_model, d_ff, cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
+        site = self.gate_up
+        if site.spec.has_norm and "gate" in site.out_scales:  # DNP: "up" has its γ_a too
+            gate, up = site.project(x)
+            h = dnp_swiglu(gate, up, site.out_scales["gate"](), site.eps)
+            return F.linear(h, scaled_weight(self.w_down, site.out_scales["up"]()))
+        gate, up = site(x)
         return F.linear(F.silu(gate) * up, self.w_down)

@@ -1,0 +1,119 @@
+"""The micro-benchmarks behind the hot-path choices in ``scalevec/layers.py`` (compiled fwd+bwd, CPU, one process,
+interleaved rounds; times are medians, ratios medians of per-round ratios).
+
+    python benchmarks/kernels.py                 # tiny and 0.12B shapes
+
+1. attention: ``F.scaled_dot_product_attention`` (causal, CPU flash kernel) on bf16 vs fp32 q/k/v laid out as the
+   model lays them out (a (B, T, 3, H, hd) projection, transposed) -> why attention runs in fp32 on CPU.
+2. DNP SwiGLU elementwise part: plain SwiGLU ``silu(g) * u`` (the baseline), autograd through ``F.rms_norm`` with
+   γ_up applied to activations, autograd with γ_up moved into W_down, and ``dnp_swiglu`` -> why the hand-derived
+   function and why γ_up sits on W_down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+
+from scalevec.layers import dnp_swiglu
+
+EPS = 1e-6
+
+
+def timed(cands: dict, rounds: int, reps: int = 3) -> dict[str, list[float]]:
+    for f in cands.values():
+        f()
+        f()
+    out: dict[str, list[float]] = {k: [] for k in cands}
+    names = list(cands)
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                cands[k]()
+            out[k].append((time.perf_counter() - t0) / reps)
+    return out
+
+
+def report(title: str, times: dict[str, list[float]], ref: str) -> dict:
+    print(title)
+    rows = {}
+    for k, v in times.items():
+        rel = statistics.median(a / b for a, b in zip(v, times[ref]))
+        rows[k] = {"ms": 1e3 * statistics.median(v), "vs_" + ref: rel}
+        print(f"  {k:<34} {rows[k]['ms']:8.2f} ms  {rel:5.2f}x {ref}")
+    return rows
+
+
+def attention(B: int, T: int, H: int, hd: int, rounds: int) -> dict:
+    def make(dtype: torch.dtype):
+        proj = torch.randn(B, T, 3 * H * hd, dtype=torch.bfloat16, requires_grad=True)
+
+        def f(x):
+            q, k, v = (t.view(B, T, H, hd).transpose(1, 2).to(dtype) for t in x.split(H * hd, -1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return y.transpose(1, 2).reshape(B, T, H * hd).to(torch.bfloat16)
+
+        g = torch.compile(f)
+        return lambda: g(proj).backward(torch.ones(B, T, H * hd, dtype=torch.bfloat16))
+
+    times = timed({"sdpa bf16": make(torch.bfloat16), "sdpa fp32 (casts included)": make(torch.float32)}, rounds)
+    return report(f"attention fwd+bwd, B={B} T={T} H={H} hd={hd}", times, "sdpa bf16")
+
+
+def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(tokens, 2 * d_ff, generator=g).bfloat16()
+    dh = torch.randn(tokens, d, generator=g).bfloat16()
+    w_down = (0.02 * torch.randn(d, d_ff, generator=g)).requires_grad_()
+    g_gate = (1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_()
+    g_up = (1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_()
+
+    def plain(a, b):
+        return F.linear(F.silu(a) * b, w_down.bfloat16())
+
+    def autograd_act(a, b):  # γ_up on the activations, both norms through autograd
+        h = F.silu(F.rms_norm(a, (d_ff,), g_gate.bfloat16(), EPS)) * F.rms_norm(b, (d_ff,), g_up.bfloat16(), EPS)
+        return F.linear(h, w_down.bfloat16())
+
+    def autograd_w(a, b):  # γ_up multiplied into W_down's columns
+        h = F.silu(F.rms_norm(a, (d_ff,), g_gate.bfloat16(), EPS)) * F.rms_norm(b, (d_ff,), None, EPS)
+        return F.linear(h, (w_down * g_up).bfloat16())
+
+    def fused(a, b):  # what scalevec runs
+        return F.linear(dnp_swiglu(a, b, g_gate, EPS), (w_down * g_up).bfloat16())
+
+    def make(fn):
+        x = gu.clone().requires_grad_()
+        c = torch.compile(lambda t: fn(*t.chunk(2, -1)))
+        return lambda: c(x).backward(dh)
+
+    fns = {"plain SwiGLU (baseline)": plain, "DNP autograd, γ_up on activations": autograd_act,
+           "DNP autograd, γ_up in W_down": autograd_w, "DNP dnp_swiglu, γ_up in W_down": fused}
+    times = timed({k: make(f) for k, f in fns.items()}, rounds)
+    return report(f"MLP middle + W_down fwd+bwd, tokens={tokens} d={d} d_ff={d_ff}", times,
+                  "plain SwiGLU (baseline)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    attention(16, 128, 4, 32, args.rounds)  # tiny: batch 16 x 128, 4 heads of 32
+    attention(4, 256, 12, 64, args.rounds)  # the 0.12B shape at batch 4 x 256
+    dnp(2048, 128, 512, args.rounds)  # tiny
+    dnp(1024, 768, 3328, args.rounds)  # 0.12B
+
+
+if __name__ == "__main__":
+    main()

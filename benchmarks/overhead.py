@@ -1,0 +1,89 @@
+"""Cost of a scale-vector strategy over the baseline: training-step time and memory ratios, one process.
+
+    python benchmarks/overhead.py                                  # tiny, bf16 autocast + torch.compile
+    python benchmarks/overhead.py --shapes tiny small 0.12b-d2 moe-tiny moe-small moe-0.12b-d2
+    python benchmarks/overhead.py --no-compile --precision fp32    # any other path
+
+Time: baseline and candidate steps alternate in rounds (median of per-round ratios); ``--control`` adds a
+second baseline model as an A/A row, the noise floor of the measurement. Memory: parameters + gradients +
+AdamW moments, plus the bytes autograd saves for backward in one forward (unique storages, parameters
+excluded) — a deterministic bound on the step's peak, see ``harness.training_memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch._dynamo
+from harness import SHAPES, Step, batch, build, interleaved, median, ratio, training_memory
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["tiny"], choices=list(SHAPES))
+    p.add_argument("--strategy", default="unified", help="candidate strategy preset (vs baseline)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--steps", type=int, default=3, help="steps per candidate per round")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--control", action="store_true", help="add an A/A row (a second baseline model)")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = 64  # several models of one class compile in this process
+    print(f"path: precision={args.precision} compile={args.compile} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians of per-round ratios")
+    rows = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        x, y = batch(shape)
+        names = ["baseline", args.strategy] + (["baseline"] if args.control else [])
+        keys = ["baseline", args.strategy] + (["control"] if args.control else [])
+        steps, warm = {}, {}
+        for key, strategy in zip(keys, names):
+            s = Step(build(shape, strategy), x, y, args.precision, args.compile, strategy)
+            t0 = time.perf_counter()
+            s()
+            warm[key] = time.perf_counter() - t0  # first step: compile (if any) plus allocation
+            steps[key] = s
+        mem = {k: training_memory(s) for k, s in steps.items() if k != "control"}
+        times = interleaved(steps, args.rounds, args.steps)
+        b, c = mem["baseline"], mem[args.strategy]
+        row = {
+            "shape": name, "tokens": shape.tokens, "precision": args.precision, "compile": args.compile,
+            "step_ms": {k: 1e3 * median(v) for k, v in times.items()},
+            "first_step_s": warm,
+            "time_ratio": ratio(times, args.strategy, "baseline"),
+            "memory_ratio": c["total"] / b["total"],
+            "activation_ratio": c["activations"] / b["activations"],
+            "state_ratio": c["state"] / b["state"],
+            "memory_mib": {k: {kk: vv / 2**20 for kk, vv in m.items()} for k, m in mem.items()},
+        }
+        if args.control:
+            row["control_ratio"] = ratio(times, "control", "baseline")
+        rows.append(row)
+        _print(row, args.strategy)
+        torch._dynamo.reset()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def _print(r: dict, strategy: str) -> None:
+    ms = r["step_ms"]
+    mb, mc = r["memory_mib"]["baseline"], r["memory_mib"][strategy]
+    control = f"  A/A {r['control_ratio']:.3f}" if "control_ratio" in r else ""
+    print(f"{r['shape']:<13} time {strategy}/baseline {r['time_ratio']:.3f}{control}  "
+          f"(step {ms['baseline']:.1f} / {ms[strategy]:.1f} ms)  "
+          f"memory {r['memory_ratio']:.3f} (total {mb['total']:.1f} / {mc['total']:.1f} MiB; "
+          f"activations {r['activation_ratio']:.3f}, state {r['state_ratio']:.4f})  "
+          f"first step {r['first_step_s']['baseline']:.1f} / {r['first_step_s'][strategy]:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
