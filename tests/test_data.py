@@ -32,9 +32,9 @@ from scalevec.data import (
 )
 from scalevec.data import corpus as corpus_mod
 from scalevec.data import tokenizer as tokenizer_mod
-from scalevec.data.common import sha256_file
 from scalevec.data.corpus import clean_gutenberg, shakespeare_archive
 from scalevec.data.shards import HEADER_BYTES, MAGIC
+from scalevec.fileio import sha256_file
 from scalevec.typed_config import ConfigError
 
 

@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 from scalevec.cli import main
 from scalevec.config import load_config
 from scalevec.data import resolve_data, write_shard
+from scalevec.fileio import sha256_file as sha256
 from scalevec.train import checkpoint as ckpt_mod
 from scalevec.train.checkpoint import (
     FAULT_ENV,
     CheckpointError,
     list_checkpoints,
     load_checkpoint,
-    sha256,
     verify,
 )
 

@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from scalevec.data import TokenLoader, eval_batches, resolve_data  # noqa: F401
+    from scalevec.data import eval_batches, resolve_data
     from scalevec.train import load_run
     from scalevec.train.trainer import evaluate, pick_device
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,10 +152,6 @@ def from_table(table: dict[str, Any]) -> Config:
     cfg = Config()
     update(cfg, table)
     return cfg.validate()
-
-
-def replace(cfg: Config, **sections: Any) -> Config:
-    return dataclasses.replace(cfg, **sections)
 
 
 __all__ = ["Config", "ConfigError", "DataConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "load_config"]

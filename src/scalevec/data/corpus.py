@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scalevec.data.common import DataError, atomic_write_bytes, atomic_write_json, cache_dir, sha256_file
+from scalevec.data.common import DataError, cache_dir
+from scalevec.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from scalevec.config import DataConfig

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scalevec.data.common import DataError, atomic_write_json, cache_dir, sha256_file
+from scalevec.data.common import DataError, cache_dir
 from scalevec.data.corpus import SHAKESPEARE_SHA256, load_documents, source_fingerprint
 from scalevec.data.shards import MAX_TOKEN_ID, read_header, write_shard
 from scalevec.data.tokenizer import (
@@ -31,6 +31,7 @@ from scalevec.data.tokenizer import (
     gpt2_tokenizer,
     load_tokenizer,
 )
+from scalevec.fileio import atomic_write_json, sha256_file
 from scalevec.typed_config import ConfigError
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from typing import IO
 
 import numpy as np
 
-from scalevec.data.common import DataError, atomic_write
+from scalevec.data.common import DataError
+from scalevec.fileio import atomic_write
 
 MAGIC = 20240520
 VERSION = 1

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scalevec.data.common import DataError, atomic_write_bytes, atomic_write_json, sha256_file
+from scalevec.data.common import DataError
+from scalevec.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     import tiktoken

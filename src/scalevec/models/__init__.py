@@ -14,8 +14,7 @@ def build_model(cfg: ModelConfig, scale: ScaleConfig) -> Decoder:
 
 
 def _ffn_factory(cfg: ModelConfig):
-    moe = getattr(cfg, "moe", None)
-    if moe is None or moe.num_experts == 0:
+    if cfg.moe.num_experts == 0:
         return None
     from scalevec.models.moe import moe_factory
 

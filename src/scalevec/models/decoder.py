@@ -49,6 +49,8 @@ class Decoder(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Found once here: walking every module on each micro-batch would be hot-path work.
+        self._aux_modules = [m for m in self.blocks.modules() if hasattr(m, "last_aux_loss")]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """Logits (B, T, V); or, given ``targets``, the mean next-token cross-entropy in fp32."""
@@ -77,7 +79,7 @@ class Decoder(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of auxiliary losses recorded by the last forward (MoE load balancing), if any."""
-        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        losses = [m.last_aux_loss for m in self._aux_modules if m.last_aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
 
@@ -91,7 +93,7 @@ class KVCache:
         self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
         self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layers)]
 
-    def layer(self, i: int) -> "_LayerCache":
+    def layer(self, i: int) -> _LayerCache:
         return _LayerCache(self, i)
 
     def advance(self, n: int) -> None:

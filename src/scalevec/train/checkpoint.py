@@ -11,7 +11,6 @@ verifies the checksums; a corrupt checkpoint is reported in one line and skipped
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from scalevec.fileio import sha256_file
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "state.pt")
@@ -68,34 +69,12 @@ def _kill_hook(step: int) -> Callable[[str], None]:
     return kill
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` whole: readers and a crash see the old content or the new, never a torn file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}_{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -174,7 +153,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, ke
         fault(FILES[0])
         torch.save(state, tmp / FILES[1])
         fault(FILES[1])
-        manifest = {"step": step, "sha256": {f: sha256(tmp / f) for f in FILES}}
+        manifest = {"step": step, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         fault(MANIFEST)
         for f in (*FILES, MANIFEST):
@@ -220,7 +199,7 @@ def verify(ckpt: Path) -> None:
         p = ckpt / f
         if not p.is_file():
             raise CheckpointError(f"checkpoint {ckpt}: {f} is missing")
-        if sha256(p) != expected.get(f):
+        if sha256_file(p) != expected.get(f):
             raise CheckpointError(f"checkpoint {ckpt}: {f} fails its sha256 check (truncated or corrupted)")
 
 

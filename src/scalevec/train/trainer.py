@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from scalevec.config import Config, ConfigError, from_table
+from scalevec.fileio import atomic_write_text
 from scalevec.info import count_params
 from scalevec.models import build_model
 from scalevec.optim import build_optimizer, lr_factor, set_lr
@@ -29,7 +30,6 @@ from scalevec.train.checkpoint import (
     remove_stale,
     save_checkpoint,
     set_aside,
-    write_text_atomic,
 )
 from scalevec.train.run import save_tokenizer_files
 from scalevec.typed_config import load_toml
@@ -92,7 +92,7 @@ class Metrics:
                     continue
                 if row.get("step", 0) <= resume_step:
                     keep.append(line + "\n")
-            write_text_atomic(path, "".join(keep))
+            atomic_write_text(path, "".join(keep))
         elif enabled:
             path.write_text("")
 
@@ -246,7 +246,7 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo)
     D.barrier(info)  # every rank has checked before the main rank writes
     if info.main and not resume:  # a resume rewrites config.toml once its checkpoint has loaded
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+        atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     D.barrier(info)
 
 
@@ -307,7 +307,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         if info.main:
             if n := remove_stale(run_dir):
                 print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
-            write_text_atomic(run_dir / "config.toml", cfg.to_toml())
+            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
             print(f"resumed from {loaded.path} at step {start}" if loaded else
                   f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
     metrics = Metrics(run_dir / "metrics.jsonl", info.main, start if resume else None)
@@ -440,5 +440,5 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         if k in counts:
             summary[f"{k}_params"] = counts[k]
     if info.main:
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
