@@ -178,3 +178,39 @@ def test_cli_reports_bad_key_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.stepz" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_gamma_statistics_and_tensorboard(tmp_path):
+    """Every evaluation row holds per-site γ statistics; with train.tensorboard the same scalars reach an event
+    file that TensorBoard reads back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(cfg_for(run, "scale.strategy=unified", "train.steps=10", "train.tensorboard=true"))
+    evals = [r for r in metrics(run) if "val_loss" in r]
+    assert evals and all("gamma/blocks.0.attn.qkv.in_scales.q/mean" in r for r in evals)
+    last = evals[-1]
+    # OR gains report their magnitude; training has moved the gains away from their init of 1.
+    assert "gamma/blocks.0.ffn.gate_up.out_scales.gate/magnitude" in last
+    assert last["gamma/blocks.0.attn.qkv.in_scales.q/std"] > 0
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"val_loss", "train_loss", "gamma/blocks.0.attn.qkv.in_scales.q/mean"} <= tags
+    assert [e.step for e in acc.Scalars("val_loss")] == [r["step"] for r in evals]
+    assert acc.Scalars("val_loss")[-1].value == pytest.approx(last["val_loss"], rel=1e-6)
+
+
+def test_compile_auto_policy(monkeypatch):
+    from scalevec.train.trainer import COMPILE_AUTO_MIN_STEPS, use_compile
+
+    cpu = torch.device("cpu")
+    assert use_compile(True, 10, cpu) and not use_compile(False, 10**6, cpu)
+    assert not use_compile("auto", COMPILE_AUTO_MIN_STEPS - 1, cpu)  # short runs stay eager
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: inductor cannot build kernels
+    assert not use_compile("auto", COMPILE_AUTO_MIN_STEPS, cpu)
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
+    assert use_compile("auto", COMPILE_AUTO_MIN_STEPS, cpu)
+    assert load_config(None, []).train.compile == "auto"
+    with pytest.raises(ConfigError, match="train.compile: expected true or false or 'auto'"):
+        load_config(None, ["train.compile=maybe"])

@@ -59,7 +59,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0  # model init
     precision: Literal["fp32", "bf16"] = "bf16"  # autocast dtype on CPU and CUDA
-    compile: bool = False
+    # torch.compile the model: true, false, or "auto" = on for runs of at least COMPILE_AUTO_MIN_STEPS steps
+    # when a compiler backend is present (docs/performance.md: the cold compile pays back within that length).
+    compile: bool | Literal["auto"] = "auto"
     eval_every: int = 50
     log_every: int = 10
     ckpt_every: int = 100  # 0: only at the end
@@ -68,6 +70,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads (0: torch's default)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    scale_stats: bool = True  # γ statistics per site at every evaluation (metrics.jsonl "gamma/..." keys)
+    tensorboard: bool = False  # also log every metric to <run.out>/tensorboard (needs the "tb" extra)
 
 
 @dataclass

@@ -111,3 +111,22 @@ def make_scale(
     role = Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else role
     return ScaleVector(dim, param, role, init=cfg.init, magnitude=cfg.magnitude, sqrt_d=cfg.sqrt_d,
                        er_exp=cfg.er_exp, lead=lead, slot=slot)
+
+
+@torch.no_grad()
+def scale_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean, std, min and max of every γ in ``model`` (and the mean magnitude for OR/ER), keyed
+    ``gamma/<module>/<stat>``: the per-site, per-layer dynamics the paper uses to motivate HG."""
+    out: dict[str, float] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, ScaleVector):
+            continue
+        g = m().detach().float()
+        out[f"gamma/{name}/mean"] = g.mean().item()
+        out[f"gamma/{name}/std"] = g.std().item() if g.numel() > 1 else 0.0
+        out[f"gamma/{name}/min"] = g.min().item()
+        out[f"gamma/{name}/max"] = g.max().item()
+        if m.param in ("or", "er"):
+            mag = m.magnitude.detach().float()
+            out[f"gamma/{name}/magnitude"] = (mag.exp() if m.param == "er" else mag).mean().item()
+    return out

@@ -71,6 +71,12 @@ def _str(key: str, value: Any) -> str:
 _SCALARS = {int: _int, float: _float, bool: _bool, str: _str}
 
 
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(map(repr, get_args(tp)))
+    return "true or false" if tp is bool else getattr(tp, "__name__", str(tp))
+
+
 def coerce(key: str, tp: Any, value: Any) -> Any:
     """Convert ``value`` (from TOML or a command-line string) to ``tp`` or raise naming ``key``."""
     origin = get_origin(tp)
@@ -83,7 +89,14 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return coerce(key, args[0], value)
+        if len(args) == 1:
+            return coerce(key, args[0], value)
+        for a in args:  # in declaration order: ``bool | Literal["auto"]`` reads "true" as a bool
+            try:
+                return coerce(key, a, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
     if origin is dict:
         kt, vt = get_args(tp)
         if isinstance(value, str):

@@ -200,7 +200,7 @@ def run_study(
     return study_dir
 
 
-def _describe(specs: list[RunSpec], runner: Runner, tok_per_s: float = 9000.0) -> None:
+def _describe(specs: list[RunSpec], runner: Runner, tok_per_s: float = 10800.0) -> None:
     unique = list({sp.key: sp for sp in specs}.values())
     tokens = 0
     for sp in unique:

@@ -1,12 +1,7 @@
 """One study run in its own process: ``python -m scalevec.study.worker [--resume] key=value ...``.
 
-The same as ``scalevec train`` plus two records a study needs and a plain run does not:
-
-- per-site statistics of every scale vector (mean, std, min, max of γ; the magnitude for OR/ER) at each
-  evaluation, written into the run's ``metrics.jsonl`` rows as ``gamma/<module>/<stat>``. They come from a
-  parameter-free probe module attached to the model, picked up by the trainer's ``eval_metrics`` hook, so the
-  trainer and the checkpoints are untouched (the probe has no state);
-- ``resources.json``: peak resident memory of the process and the thread count, for the overhead table.
+The same as ``scalevec train`` (which records per-site γ statistics at each evaluation) plus
+``resources.json``: peak resident memory of the process and the thread count, for the overhead table.
 """
 
 from __future__ import annotations
@@ -18,42 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from scalevec.scale import ScaleVector
-
-
-class ScaleStats(nn.Module):
-    """Reports γ statistics of the model it watches; holds no parameters or buffers."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self._watch = [model]  # a list, so the model is not registered as a child (no cycle)
-
-    @torch.no_grad()
-    def eval_metrics(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, m in self._watch[0].named_modules():
-            if not isinstance(m, ScaleVector):
-                continue
-            g = m().detach().float()
-            out[f"gamma/{name}/mean"] = g.mean().item()
-            out[f"gamma/{name}/std"] = g.std().item() if g.numel() > 1 else 0.0
-            out[f"gamma/{name}/min"] = g.min().item()
-            out[f"gamma/{name}/max"] = g.max().item()
-            if m.param in ("or", "er"):
-                mag = m.magnitude.detach().float()
-                out[f"gamma/{name}/magnitude"] = (mag.exp() if m.param == "er" else mag).mean().item()
-        return out
-
-
-def _with_probe(build):
-    def build_model(*args, **kwargs):
-        model = build(*args, **kwargs)
-        model.add_module("scale_stats", ScaleStats(model))
-        return model
-
-    return build_model
 
 
 def main(argv: list[str]) -> int:
@@ -63,7 +22,6 @@ def main(argv: list[str]) -> int:
     resume = "--resume" in argv
     overrides = [a for a in argv if a != "--resume"]
     cfg = load_config(None, overrides)
-    trainer.build_model = _with_probe(trainer.build_model)
     t0 = time.perf_counter()
     summary = trainer.train(cfg, resume=resume)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

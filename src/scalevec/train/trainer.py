@@ -21,6 +21,7 @@ from scalevec.info import count_params
 from scalevec.models import build_model
 from scalevec.optim import build_optimizer, lr_factor, set_lr
 from scalevec.roles import param_roles
+from scalevec.scale import scale_statistics
 from scalevec.train import distributed as D
 from scalevec.train.checkpoint import (
     CheckpointError,
@@ -81,8 +82,9 @@ class Metrics:
     them again. A last line cut short by the crash is dropped. The truncation replaces the file atomically.
     """
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: Path | None = None):
         self.path, self.enabled = path, enabled
+        self.tb = _tensorboard_writer(tensorboard) if enabled and tensorboard is not None else None
         if enabled and resume_step is not None and path.exists():
             keep = []
             for line in path.read_text().splitlines():
@@ -104,6 +106,24 @@ class Metrics:
             except OSError as e:
                 raise TrainingError(f"could not append to {self.path} ({e.strerror or e}); the newest "
                                     "checkpoint is intact") from e
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _tensorboard_writer(log_dir: Path):
+    """A SummaryWriter; a resumed run appends to the same folder (TensorBoard shows the newest point per step)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install "
+                          "'scalevec[tb]' (or set train.tensorboard=false)") from e
+    return SummaryWriter(str(log_dir))
 
 
 @dataclass
@@ -129,6 +149,27 @@ def _data(cfg: Config, info: D.DistInfo):
     evals = eval_batches(spec.val_files, t.batch_size, t.seq_len, cfg.data.val_tokens,
                          vocab_size=spec.vocab_size)
     return spec, Batches(loader, evals)
+
+
+# Runs at least this long compile under train.compile="auto". Measured at tiny on 2 CPU cores: a cold compile
+# (33-52 s) pays back after 320-580 steps; with inductor's on-disk cache warm it takes ~7 s (docs/performance.md).
+COMPILE_AUTO_MIN_STEPS = 500
+
+
+def use_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
+    """Resolve ``train.compile``: "auto" compiles long runs, and only where a backend can build kernels (a C++
+    compiler for inductor's CPU code; CUDA builds ship Triton)."""
+    if setting != "auto":
+        return bool(setting)
+    if steps < COMPILE_AUTO_MIN_STEPS:
+        return False
+    return device.type == "cuda" or _cxx_available()
+
+
+def _cxx_available() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -286,7 +327,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
     counts = count_params(model)
     wrapped = D.wrap(model, cfg.dist.mode, info, device)
     optimizer = build_optimizer(wrapped, cfg.optim, cfg.scale.weight_decay, roles)
-    step_fn = torch.compile(wrapped) if t.compile else wrapped
+    compiled = use_compile(t.compile, t.steps, device)
+    step_fn = torch.compile(wrapped) if compiled else wrapped
     hooks = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     eval_hooks = [m for m in model.modules() if hasattr(m, "eval_metrics")]
 
@@ -310,7 +352,10 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             atomic_write_text(run_dir / "config.toml", cfg.to_toml())
             print(f"resumed from {loaded.path} at step {start}" if loaded else
                   f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
-    metrics = Metrics(run_dir / "metrics.jsonl", info.main, start if resume else None)
+    metrics = Metrics(run_dir / "metrics.jsonl", info.main, start if resume else None,
+                      run_dir / "tensorboard" if t.tensorboard else None)
+    # Under FSDP the gains are shards; their statistics would need a gather per vector at every evaluation.
+    gamma_stats = t.scale_stats and cfg.dist.mode != "fsdp"
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * info.world_size
     progress = None
@@ -380,6 +425,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             if t.on_nonfinite == "stop":
                 if progress:
                     progress.close()
+                metrics.close()
                 kept = list_checkpoints(run_dir)
                 kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint yet"
                 raise TrainingError(f"{diag}; {kept_msg}; train.on_nonfinite=skip skips such steps instead")
@@ -417,6 +463,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             row = {"step": done, "tokens": tokens, "val_loss": val_loss}
             for m in eval_hooks:
                 row.update(m.eval_metrics())
+            if gamma_stats:
+                row.update(scale_statistics(model))
             metrics.write(**row)
             if progress:
                 progress.write(f"step {done}: val_loss {val_loss:.4f}")
@@ -424,6 +472,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             checkpoint(done)
     if progress:
         progress.close()
+    metrics.close()
     if start >= t.steps:  # nothing left to do: report the stored final evaluation
         val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
     wall = wall_prev + time.perf_counter() - t0
@@ -434,7 +483,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         "tokens": tokens, "steps": t.steps, "wall_s": wall, "tok_per_s": tokens / max(wall, 1e-9),
         "strategy": cfg.scale.strategy, "model": cfg.model.preset, "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name, "world_size": info.world_size, "skipped_steps": skipped_steps,
-        "device": str(device),
+        "device": str(device), "compiled": compiled,
     }
     for k in ("active", "active_non_embedding"):
         if k in counts:
