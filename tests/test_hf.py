@@ -287,6 +287,8 @@ def test_cli_import_train_export_sample(tmp_path, monkeypatch, capsys):
                  f"data.source={tmp_path / 'corpus.txt'}", "data.val_tokens=1024", "train.precision=fp32",
                  "--out", str(run)]) == 0
     assert "function preserved" in capsys.readouterr().out
+    saved = (run / "config.toml").read_text()
+    assert 'preset = "custom"' in saved and "d_model = 48" in saved  # every shape field explicit
     assert main(["train", "--resume", str(run), "train.steps=3", "train.batch_size=4", "train.seq_len=32",
                  "train.progress=false", "train.eval_every=0"]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0

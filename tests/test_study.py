@@ -279,6 +279,15 @@ def test_report_writes_tables_verdicts_and_plots(tmp_path):
     index = write_index({"improvements": md}, tmp_path).read_text()
     assert "HOLDS: HG alone lowers the final loss" in index and "(out/README.md)" in index
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scalevec.study.report import export_tensorboard
+
+    assert export_tensorboard(study, tmp_path / "tb") == len(entries)
+    acc = EventAccumulator(str(tmp_path / "tb" / "lr_0_003" / "hg" / "seed1"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("val_loss")] == [10, 20, 30]
+
 
 # --------------------------------------------------------------------------------------------- end to end
 
@@ -306,6 +315,8 @@ def test_micro_study_end_to_end(tmp_path, capsys):
         "train.batch_size=2",
         "--override",
         "train.seq_len=32",
+        "--override",
+        "train.compile=false",  # 3 steps: compiling would cost more than the whole study
         "--report",
     ]
     assert cli_main(argv) == 0
@@ -320,3 +331,13 @@ def test_micro_study_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(argv) == 0  # a rerun skips both finished runs
     assert "2 finished earlier, 0 to run" in capsys.readouterr().out
+
+
+def test_cpu_studies_compile_only_where_a_compiler_exists(monkeypatch):
+    from scalevec.study.grids import knobs_for
+
+    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
+    assert "train.compile=true" in knobs_for("improvements", "cpu").base
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: runs stay eager ("auto")
+    assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "cpu").base)
+    assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "gpu").base)

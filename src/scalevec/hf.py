@@ -334,7 +334,7 @@ def model_config_from_hf(c: dict) -> ModelConfig:
                           f"num_attention_heads = {d / heads:g}, which scalevec requires")
     kv = c.get("num_key_value_heads") or heads
     mc = ModelConfig(
-        style=style, d_model=d, n_layers=c["num_hidden_layers"], n_heads=heads,
+        preset="custom", style=style, d_model=d, n_layers=c["num_hidden_layers"], n_heads=heads,
         n_kv_heads=0 if kv == heads else kv, d_ff=c["intermediate_size"], vocab_size=c["vocab_size"],
         max_seq_len=c.get("max_position_embeddings", 2048), rope_theta=_rope_theta(c),
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),

@@ -131,13 +131,16 @@ MODEL_PRESETS = (*_SIZES, *_MOE_SIZES)
 
 
 def model_preset(name: str) -> ModelConfig:
+    if name == "custom":  # every field given explicitly (imported checkpoints); the defaults are tiny's shape
+        return ModelConfig(preset="custom")
     if name in _MOE_SIZES:
         base, e, k, d_expert = _MOE_SIZES[name]
         cfg = model_preset(base)
         cfg.preset, cfg.moe = name, MoEConfig(num_experts=e, top_k=k, d_expert=d_expert)
         return cfg
     if name not in _SIZES:
-        raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)} "
+                          "or custom (set every model.* field)")
     d, n_layers, n_heads, n_kv, d_ff = _SIZES[name]
     big = name not in ("tiny", "small")
     return ModelConfig(

@@ -163,10 +163,10 @@ def use_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
         return bool(setting)
     if steps < COMPILE_AUTO_MIN_STEPS:
         return False
-    return device.type == "cuda" or _cxx_available()
+    return device.type == "cuda" or cpu_compiler_available()
 
 
-def _cxx_available() -> bool:
+def cpu_compiler_available() -> bool:
     import shutil
 
     return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
