@@ -207,6 +207,28 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path, base, 
     assert not list((run / "checkpoints").glob(".tmp_*")), "crash leftovers are removed by the next save"
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, base, capsys):
+    """SIGTERM (a scheduler's preemption) mid-run: the step in flight finishes, a checkpoint of it is saved even
+    between checkpoint intervals, the process exits 143 with a one-line note, and --resume continues exactly."""
+    steps = 60
+    args = [*base, f"train.steps={steps}", "train.ckpt_every=0", "train.eval_every=20"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = spawn("train", *args, f"run.out={run}")
+    wait_for_row(run, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stopped = max(r["step"] for r in metrics(run))
+    assert stopped < steps and steps_of(run) == [stopped]  # ckpt_every=0 would have saved only at the end
+    assert err.strip() == (f"stopped: stopped by SIGTERM after step {stopped}; its checkpoint is saved; "
+                                   f"continue with scalevec train --resume {run}")
+    assert cli(capsys, "train", *args, f"run.out={ref}")[0] == 0
+    p = run_cli("train", "--resume", str(run))
+    assert p.returncode == 0 and f"at step {stopped}" in p.stdout, p.stderr[-2000:]
+    assert timeless(metrics(run)) == timeless(metrics(ref))
+    assert_same_weights(list_checkpoints(run)[-1], list_checkpoints(ref)[-1])
+
+
 # ---------------------------------------------------------------------------------------------- corrupt
 
 

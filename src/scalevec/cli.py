@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -181,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     from scalevec.train.checkpoint import CheckpointError
-    from scalevec.train.trainer import TrainingError
+    from scalevec.train.trainer import TrainingError, TrainingStopped
 
     errors += (CheckpointError, TrainingError, OSError)  # OSError: a full disk, a missing or read-only path
     try:
         return args.fn(args)
+    except TrainingStopped as e:
+        print("stopped: " + " ".join(str(e).split()), file=sys.stderr)
+        return 128 + signal.SIGTERM  # the shell's code for "terminated by SIGTERM"
     except errors as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 2 if isinstance(e, ConfigError) else 1

@@ -57,5 +57,10 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except _errors() as e:
+        from scalevec.train.trainer import TrainingStopped
+
+        if isinstance(e, TrainingStopped):  # SIGTERM: checkpoint saved; the next study invocation resumes it
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(143)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)

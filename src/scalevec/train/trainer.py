@@ -8,6 +8,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,41 @@ from scalevec.typed_config import load_toml
 
 class TrainingError(RuntimeError):
     """A run that must stop (divergence, a broken resume); one line naming the problem."""
+
+
+class TrainingStopped(TrainingError):
+    """SIGTERM arrived (a scheduler's preemption, ``kill``): the run saved a checkpoint at the step it had
+    finished and stopped; ``--resume`` continues it exactly."""
+
+
+class StopSignal:
+    """Records SIGTERM instead of dying mid-step; the loop checks it between steps. Installed only in the main
+    thread (Python delivers signals there) and restored afterwards, so library callers keep their handler."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, info: D.DistInfo, device: torch.device) -> bool:
+        """Whether any rank got the signal: every rank must stop after the same step to save one checkpoint."""
+        if not info.enabled:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 
 def pick_device(name: str) -> torch.device:
@@ -270,7 +307,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     info = D.init(device)
     run_dir = Path(cfg.run.out)
     try:
-        return _train(cfg, resume, device, info, run_dir)
+        with StopSignal() as stop:
+            return _train(cfg, resume, device, info, run_dir, stop)
     finally:
         D.cleanup(info)
 
@@ -314,7 +352,8 @@ def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, inf
     return loaded
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, run_dir: Path) -> dict:
+def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, run_dir: Path,
+           stop: StopSignal) -> dict:
     t = cfg.train
     spec, batches = _data(cfg, info)
     _prepare_run_dir(cfg, run_dir, resume, info)
@@ -468,8 +507,17 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             metrics.write(**row)
             if progress:
                 progress.write(f"step {done}: val_loss {val_loss:.4f}")
-        if (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps:
+        saved = (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps
+        if saved:
             checkpoint(done)
+        if done < t.steps and stop.agreed(info, device):
+            if not saved:
+                checkpoint(done)
+            if progress:
+                progress.close()
+            metrics.close()
+            raise TrainingStopped(f"stopped by SIGTERM after step {done}; its checkpoint is saved; continue with "
+                                  f"scalevec train --resume {run_dir}")
     if progress:
         progress.close()
     metrics.close()
