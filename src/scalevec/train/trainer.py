@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import nn
@@ -55,7 +56,7 @@ class StopSignal:
         self.requested = False
         self._previous = None
 
-    def __enter__(self) -> StopSignal:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
