@@ -20,14 +20,18 @@ from harness import SHAPES, Step, batch, build, flops_per_token, interleaved, ma
 from reference import Llama, optimizer
 
 from scalevec.config import TrainConfig
+from scalevec.train.trainer import COMPILE_AUTO_MIN_STEPS, use_compile
 
 PATHS = {"fp32-eager": ("fp32", False), "bf16-eager": ("bf16", False), "fp32-compile": ("fp32", True),
          "bf16-compile": ("bf16", True)}
 
 
 def default_path() -> str:
+    """The path a default run takes on this machine: ``train.compile=auto`` compiles runs of at least
+    COMPILE_AUTO_MIN_STEPS steps when a C++ compiler is present (shorter runs stay eager)."""
     t = TrainConfig()
-    return f"{t.precision}-{'compile' if t.compile else 'eager'}"
+    compiled = use_compile(t.compile, COMPILE_AUTO_MIN_STEPS, torch.device("cpu"))
+    return f"{t.precision}-{'compile' if compiled else 'eager'}"
 
 
 def main() -> None:
@@ -44,7 +48,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64  # several models of one class compile in this process
     paths = list(dict.fromkeys(["fp32-eager", *args.paths]))  # the yardstick always runs
     peak0 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}; default training path: {default_path()}; "
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}; default training path (runs of >= {COMPILE_AUTO_MIN_STEPS} steps): {default_path()}; "
           f"{args.rounds} rounds x {args.steps} steps")
     rows = []
     for name in args.shapes:

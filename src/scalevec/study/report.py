@@ -592,6 +592,8 @@ def _budget_diff(name: str, budget: str, knobs: dict) -> str:
         if isinstance(v, list) and isinstance(default[k], list) and all(isinstance(x, str) for x in v):
             added = [x for x in v if x not in default[k]]
             removed = [x for x in default[k] if x not in v]
+            if not added and not removed:  # the same overrides in another order
+                continue
             parts.append(
                 f"`{k}` "
                 + " ".join([f"+{json.dumps(x)}" for x in added] + [f"−{json.dumps(x)}" for x in removed])
