@@ -603,6 +603,21 @@ def _budget_diff(name: str, budget: str, knobs: dict) -> str:
     return ", ".join(parts)
 
 
+def _seeds_line(runs: list[Run]) -> str:
+    """Seeds per arm as the run files have them: comparisons and sweep points may differ (necessity)."""
+    def count(sweep: bool) -> str:
+        seeds: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for r in runs:
+            if (r.spec.baseline is None) == sweep:
+                seeds[r.spec.group, r.spec.arm].add(r.spec.seed)
+        n = sorted({len(v) for v in seeds.values()})
+        return "" if not n else str(n[0]) if len(n) == 1 else f"{n[0]}–{n[-1]}"
+    main, sweep = count(False), count(True)
+    parts = ([f"Seeds per arm: {main}"] if main else []) + ([f"seeds per LR-sweep point: {sweep}"] if sweep else [])
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "." if text else ""
+
+
 def write_report(study_dir: Path, out: Path | None = None) -> Path:
     study_dir = Path(study_dir)
     man, runs = load_study(study_dir)
@@ -624,7 +639,7 @@ def write_report(study_dir: Path, out: Path | None = None) -> Path:
         f"Budget `{man['budget']}`; {len(status)} distinct runs, {done} finished "
         f"({sum(v == 'diverged' for v in status.values())} diverged, "
         f"{sum(v not in ('done', 'diverged') for v in status.values())} not finished). "
-        f"Seeds per arm: {knobs['seeds']}. "
+        f"{_seeds_line(runs)} "
         "Every arm shares init seed and data order with its baseline (paired runs). " + _setup_line(runs),
         "",
         (
