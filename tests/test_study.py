@@ -262,6 +262,7 @@ def test_report_writes_tables_verdicts_and_plots(tmp_path):
     md = write_report(study, tmp_path / "out")
     text = md.read_text()
     assert "| hg | 4 |" in text and "HOLDS" in text and "smallest effect" in text.lower()
+    assert "Seeds per arm: 4; seeds per LR-sweep point: 1." in text  # counted from the run files
     assert "Loss vs compute" in text and "1.2" in text and "## Overhead" in text
     for png in (
         "loss_curves.png",
