@@ -214,3 +214,20 @@ def test_compile_auto_policy(monkeypatch):
     assert load_config(None, []).train.compile == "auto"
     with pytest.raises(ConfigError, match="train.compile: expected true or false or 'auto'"):
         load_config(None, ["train.compile=maybe"])
+
+
+def test_demo_compares_reuses_and_names_what_changed(tmp_path, capsys):
+    from scalevec.demo import run_demo
+
+    fast = ["train.batch_size=4", "train.seq_len=32", "train.progress=false", "train.eval_every=5",
+            "data.val_tokens=4096"]
+    assert run_demo(tmp_path, fast, steps=6) == 0
+    table = (tmp_path / "demo.txt").read_text()
+    assert "baseline" in table and "unified" in table and (tmp_path / "loss.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert run_demo(tmp_path, fast, steps=6) == 0  # the same config: both finished runs are reused
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    before = (tmp_path / "baseline" / "summary.json").read_text()
+    with pytest.raises(ConfigError, match=r"another config \(train\.steps: 6 -> 7\)"):
+        run_demo(tmp_path, fast, steps=7)
+    assert (tmp_path / "baseline" / "summary.json").read_text() == before  # nothing saved is lost

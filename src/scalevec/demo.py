@@ -7,7 +7,7 @@ from pathlib import Path
 
 from scalevec.config import load_config
 from scalevec.train import train
-from scalevec.typed_config import ConfigError
+from scalevec.typed_config import ConfigError, differences
 
 DEMO_DEFAULTS = ["model.preset=tiny", "train.steps=400", "train.batch_size=16", "train.seq_len=128",
                  "train.eval_every=100", "train.ckpt_every=200", "optim.lr=3e-3"]
@@ -26,10 +26,12 @@ def _run(out: Path, strategy: str, overrides: list[str]) -> dict:
     if summary.exists():
         done = load_config(run_dir / "config.toml")
         cfg.model.vocab_size = done.model.vocab_size
-        if done == cfg:
+        changed = differences(done, cfg)
+        if not changed:
             print(f"{strategy}: finished earlier in {run_dir}, reusing it")
             return json.loads(summary.read_text())
-        raise ConfigError(f"{run_dir} holds a finished run with another config; use --out to pick a new folder")
+        raise ConfigError(f"{run_dir} holds a finished run with another config ({'; '.join(changed)}); "
+                          "use --out to pick a new folder or remove it")
     resume = (run_dir / "config.toml").exists()
     print(f"{strategy}: {'resuming' if resume else 'training'} in {run_dir}", flush=True)
     return train(cfg, resume=resume)

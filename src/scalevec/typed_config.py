@@ -7,6 +7,7 @@ value outside a ``Literal`` stops with a ``ConfigError`` whose one-line message 
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -210,4 +211,16 @@ def to_table(obj: Any) -> dict[str, Any]:
             out[f.name] = list(v)
         else:
             out[f.name] = v
+    return out
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two configs of one dataclass type, as ``key: a -> b``."""
+    out: list[str] = []
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            out += differences(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.append(f"{prefix}{f.name}: {json.dumps(x, default=str)} -> {json.dumps(y, default=str)}")
     return out
