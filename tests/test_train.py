@@ -217,13 +217,15 @@ def test_compile_auto_policy(monkeypatch):
 
 
 def test_demo_compares_reuses_and_names_what_changed(tmp_path, capsys):
-    from scalevec.demo import run_demo
+    from scalevec.demo import run_demo, steady_tok_per_s
 
     fast = ["train.batch_size=4", "train.seq_len=32", "train.progress=false", "train.eval_every=5",
-            "data.val_tokens=4096"]
+            "train.log_every=2", "train.compile=false", "data.val_tokens=4096"]
     assert run_demo(tmp_path, fast, steps=6) == 0
     table = (tmp_path / "demo.txt").read_text()
     assert "baseline" in table and "unified" in table and (tmp_path / "loss.png").stat().st_size > 1000
+    tps = steady_tok_per_s(tmp_path / "unified")  # the windows after the first one (steps 4 and 6)
+    assert tps is not None and f"{tps:,.0f}" in table.splitlines()[2]
     capsys.readouterr()
     assert run_demo(tmp_path, fast, steps=6) == 0  # the same config: both finished runs are reused
     assert capsys.readouterr().out.count("finished earlier") == 2
