@@ -342,3 +342,12 @@ def test_cpu_studies_compile_only_where_a_compiler_exists(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: runs stay eager ("auto")
     assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "cpu").base)
     assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "gpu").base)
+
+
+@pytest.mark.parametrize("grid", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_committed_grid_files_build_their_runs(grid):
+    k = knobs_for("unified", "cpu")
+    k.load(grid)
+    specs = STUDIES["unified"].stages[0][1](k, lambda sp: None)
+    assert specs and {sp.arm for sp in specs} == {"baseline", "unified"}
