@@ -28,7 +28,7 @@ PATHS = {"fp32-eager": ("fp32", False), "bf16-eager": ("bf16", False), "fp32-com
 
 def default_path() -> str:
     """The path a default run takes on this machine: ``train.compile=auto`` compiles runs of at least
-    COMPILE_AUTO_MIN_STEPS steps when a C++ compiler is present (shorter runs stay eager)."""
+    COMPILE_AUTO_MIN_STEPS steps when inductor can build CPU kernels (shorter runs stay eager)."""
     t = TrainConfig()
     compiled = use_compile(t.compile, COMPILE_AUTO_MIN_STEPS, torch.device("cpu"))
     return f"{t.precision}-{'compile' if compiled else 'eager'}"

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -201,7 +202,7 @@ def test_gamma_statistics_and_tensorboard(tmp_path):
     assert acc.Scalars("val_loss")[-1].value == pytest.approx(last["val_loss"], rel=1e-6)
 
 
-def test_compile_auto_policy(monkeypatch):
+def test_compile_auto_policy(monkeypatch, tmp_path):
     from scalevec.train.trainer import COMPILE_AUTO_MIN_STEPS, use_compile
 
     cpu = torch.device("cpu")
@@ -211,6 +212,14 @@ def test_compile_auto_policy(monkeypatch):
     assert not use_compile("auto", COMPILE_AUTO_MIN_STEPS, cpu)
     monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
     assert use_compile("auto", COMPILE_AUTO_MIN_STEPS, cpu)
+    real_paths = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**real_paths(), "include": "/nonexistent"})
+    assert not use_compile("auto", COMPILE_AUTO_MIN_STEPS, cpu)  # a compiler but no Python.h: kernels won't build
+    with pytest.raises(ConfigError, match="train.compile=true: torch.compile on CPU needs a C\\+\\+ compiler"):
+        use_compile(True, 10, cpu)
+    with pytest.raises(ConfigError, match="train.compile=true"):  # refused before the run folder exists
+        train(cfg_for(tmp_path / "run", "train.compile=true", "train.steps=2"))
+    assert not (tmp_path / "run").exists()
     assert load_config(None, []).train.compile == "auto"
     with pytest.raises(ConfigError, match="train.compile: expected true or false or 'auto'"):
         load_config(None, ["train.compile=maybe"])

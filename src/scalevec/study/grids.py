@@ -160,7 +160,7 @@ def knobs_for(study: str, budget: str) -> Knobs:
 
 def _compile(budget: str) -> list[str]:
     """CPU: compile every run, also the short ones train.compile="auto" leaves eager (measured ~2x the
-    tokens/s of two single-threaded tiny runs), when a C++ compiler can build inductor's kernels."""
+    tokens/s of two single-threaded tiny runs), when inductor can build CPU kernels (``cpu_compiler_available``)."""
     from scalevec.train.trainer import cpu_compiler_available
 
     return ["train.compile=true"] if budget == "cpu" and cpu_compiler_available() else []

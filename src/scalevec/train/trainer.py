@@ -196,8 +196,13 @@ COMPILE_AUTO_MIN_STEPS = 500
 
 def use_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
     """Resolve ``train.compile``: "auto" compiles long runs, and only where a backend can build kernels (a C++
-    compiler for inductor's CPU code; CUDA builds ship Triton)."""
+    compiler and Python's headers for inductor's CPU code; CUDA builds ship Triton). ``true`` where CPU kernels
+    cannot be built is refused with one line instead of failing inside the first step."""
     if setting != "auto":
+        if setting and device.type == "cpu" and not cpu_compiler_available():
+            raise ConfigError("train.compile=true: torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX) "
+                              "and Python's headers (Python.h), and this machine lacks one; install them or set "
+                              "train.compile=false")
         return bool(setting)
     if steps < COMPILE_AUTO_MIN_STEPS:
         return False
@@ -205,9 +210,12 @@ def use_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
 
 
 def cpu_compiler_available() -> bool:
+    """Inductor builds each CPU kernel as a Python extension module: it needs a C++ compiler and Python.h."""
     import shutil
+    import sysconfig
 
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    return compiler and Path(sysconfig.get_paths()["include"], "Python.h").is_file()
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -357,6 +365,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
            stop: StopSignal) -> dict:
     t = cfg.train
     spec, batches = _data(cfg, info)
+    compiled = use_compile(t.compile, t.steps, device)  # refuses an impossible compile before the folder is touched
     _prepare_run_dir(cfg, run_dir, resume, info)
     if info.main:
         save_tokenizer_files(spec.tokenizer_dir, run_dir)
@@ -367,7 +376,6 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
     counts = count_params(model)
     wrapped = D.wrap(model, cfg.dist.mode, info, device)
     optimizer = build_optimizer(wrapped, cfg.optim, cfg.scale.weight_decay, roles)
-    compiled = use_compile(t.compile, t.steps, device)
     step_fn = torch.compile(wrapped) if compiled else wrapped
     hooks = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     eval_hooks = [m for m in model.modules() if hasattr(m, "eval_metrics")]
