@@ -91,6 +91,22 @@ def test_dnp_swiglu_bf16_matches_fp32_reference():
     torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=8e-3)
 
 
+def test_dnp_swiglu_bf16_gradients_match_fp32_within_bf16_rounding():
+    """Under autocast, γ_gate's token sum runs as a bf16 ones-vector matmul (fp32 accumulation, bf16 result): its
+    gradient stays within bf16 rounding of the fp32 one, like every weight gradient under autocast."""
+    g = torch.Generator().manual_seed(0)
+    gate32, up32 = (torch.randn(512, 64, generator=g) for _ in range(2))
+    w = torch.randn(512, 64, generator=g)
+    gain32 = (1 + 0.3 * torch.randn(64, generator=g)).requires_grad_()
+    ref = F.silu(F.rms_norm(gate32, (64,), gain32, 1e-6)) * F.rms_norm(up32, (64,), None, 1e-6)
+    (ref * w).sum().backward()
+    gain = gain32.detach().clone().requires_grad_()
+    gate, up = (t.bfloat16().requires_grad_() for t in (gate32, up32))
+    (dnp_swiglu(gate, up, gain, 1e-6).float() * w).sum().backward()
+    assert gain.grad.dtype == torch.float32
+    torch.testing.assert_close(gain.grad, gain32.grad, rtol=3e-2, atol=3e-2 * gain32.grad.abs().mean().item())
+
+
 def test_bf16_autocast_loss_close_to_fp32():
     """Attention runs in fp32 under CPU autocast; the bf16 path stays within bf16 rounding of fp32."""
     m = tiny("unified", "gemma")

@@ -101,12 +101,24 @@ class _DNPSwiGLU(torch.autograd.Function):
         silu = a * s
         dsilu = dh * xu
         da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
-        dgain = (da * xg).flatten(0, -2).sum(0)
+        dgain = _token_sum(da * xg, gate.dtype)
         # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
         # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
         dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
         du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
         return dg.to(gate.dtype), du.to(up.dtype), dgain, None
+
+
+def _token_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum over every dimension but the last, in fp32. With low-precision inputs (bf16 autocast) the sum runs as a
+    ones-vector matmul on ``t`` rounded to ``dtype``, the precision every weight gradient has under autocast:
+    inductor would otherwise keep ``t`` in fp32 for a column reduction, 1.5x plain SwiGLU's fwd+bwd at d_ff 1024
+    against 1.15x this way (``benchmarks/dnp_gain_reduction.py``)."""
+    t = t.flatten(0, -2)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return t.sum(0)
+    ones = torch.ones(1, t.shape[0], dtype=dtype, device=t.device)
+    return (ones @ t.to(dtype)).squeeze(0).float()
 
 
 def _rms(x: torch.Tensor, eps: float, with_rstd: bool = False):
