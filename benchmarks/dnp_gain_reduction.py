@@ -1,15 +1,15 @@
-"""Can DNP's SwiGLU backward get cheaper? Variants of its γ_gate gradient, the reduction over tokens that makes
-inductor materialise an fp32 tensor, measured like ``kernels.py`` (MLP middle + W_down, compiled fwd+bwd, bf16
+"""Why DNP's SwiGLU backward sums γ_gate's gradient as a bf16 matmul: variants of that reduction over tokens,
+measured like ``kernels.py`` (MLP middle + W_down, compiled fwd+bwd, bf16
 inputs, one process, interleaved rounds; medians, ratios to plain SwiGLU).
 
     python benchmarks/dnp_gain_reduction.py            # tiny (d_ff 512) and small (d_ff 1024) shapes
 
 Variants of ``dgain = sum_tokens(da * x̂_gate)`` in ``layers._DNPSwiGLU.backward``:
-  current   the column sum as written in scalevec (fp32)
+  fp32-sum  the plain column sum in fp32 (scalevec before; inductor keeps the fp32 product for it)
   bf16-da   da rounded to the inputs' dtype first (halves what is materialised)
   blocked   16 partial sums over token blocks, then their sum
   mm        a ones-vector matmul over the fp32 product
-  mm-bf16   the same on the product rounded to bf16
+  mm-bf16   the same on the product rounded to bf16: what scalevec runs under autocast (``layers._token_sum``)
   no-dgain  γ_gate gets no gradient: a floor, the cost of the two norms alone (not a usable variant)
 """
 
@@ -68,7 +68,7 @@ def dnp_variant(variant: str):
     return DNPSwiGLU.apply
 
 
-VARIANTS = ("current", "bf16-da", "blocked", "mm", "mm-bf16", "no-dgain")
+VARIANTS = ("fp32-sum", "bf16-da", "blocked", "mm", "mm-bf16", "no-dgain")
 
 
 def run(tokens: int, d: int, d_ff: int, rounds: int) -> dict:

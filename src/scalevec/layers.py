@@ -6,7 +6,8 @@ Where a gain is applied is chosen for cost, not for form (measurements in ``docs
 - branch-specific input gains (HG) and DP output gains are multiplied into the weight by ``scaled_weight``
   (O(d_out·d_in) per step instead of O(tokens·d) per branch), so every site stays one fused matmul;
 - with DNP on the MLP, γ_up feeds W_down and is multiplied into W_down's columns; the two branch norms, γ_gate
-  and SwiGLU run as one autograd function (``dnp_swiglu``) that keeps only what plain SwiGLU keeps;
+  and SwiGLU run as one autograd function (``dnp_swiglu``) that keeps only what plain SwiGLU keeps; under bf16
+  autocast its γ_gate gradient, a sum over tokens, is a bf16 ones-vector matmul (``_token_sum``);
 - on CPU under bf16 autocast, attention runs in fp32 (torch's CPU flash kernel is faster there in fp32).
 """
 
