@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo
@@ -66,16 +67,42 @@ def attention(B: int, T: int, H: int, hd: int, rounds: int) -> dict:
     return report(f"attention fwd+bwd, B={B} T={T} H={H} hd={hd}", times, "sdpa bf16")
 
 
-def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    gu = torch.randn(tokens, 2 * d_ff, generator=g).bfloat16()
-    dh = torch.randn(tokens, d, generator=g).bfloat16()
-    w_down = (0.02 * torch.randn(d, d_ff, generator=g)).requires_grad_()
-    g_gate = (1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_()
-    g_up = (1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_()
+@dataclass
+class MLPCase:
+    """Inputs of the MLP-middle benchmarks: the [gate | up] projection output (bf16), the gradient arriving at
+    W_down's output, W_down and the two DNP gains."""
 
-    def plain(a, b):
-        return F.linear(F.silu(a) * b, w_down.bfloat16())
+    gu: torch.Tensor
+    dh: torch.Tensor
+    w_down: torch.Tensor
+    g_gate: torch.Tensor
+    g_up: torch.Tensor
+
+    @classmethod
+    def make(cls, tokens: int, d: int, d_ff: int) -> MLPCase:
+        g = torch.Generator().manual_seed(0)
+        return cls(
+            gu=torch.randn(tokens, 2 * d_ff, generator=g).bfloat16(),
+            dh=torch.randn(tokens, d, generator=g).bfloat16(),
+            w_down=(0.02 * torch.randn(d, d_ff, generator=g)).requires_grad_(),
+            g_gate=(1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_(),
+            g_up=(1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_(),
+        )
+
+    def plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The baseline: plain SwiGLU and W_down."""
+        return F.linear(F.silu(a) * b, self.w_down.bfloat16())
+
+    def step(self, fn) -> callable:
+        """Compiled forward of ``fn(gate, up)`` plus its backward, as one benchmark candidate."""
+        x = self.gu.clone().requires_grad_()
+        c = torch.compile(lambda t: fn(*t.chunk(2, -1)))
+        return lambda: c(x).backward(self.dh)
+
+
+def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
+    case = MLPCase.make(tokens, d, d_ff)
+    d_ff, g_gate, g_up, w_down = case.g_gate.numel(), case.g_gate, case.g_up, case.w_down
 
     def autograd_act(a, b):  # γ_up on the activations, both norms through autograd
         h = F.silu(F.rms_norm(a, (d_ff,), g_gate.bfloat16(), EPS)) * F.rms_norm(b, (d_ff,), g_up.bfloat16(), EPS)
@@ -88,14 +115,9 @@ def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
     def fused(a, b):  # what scalevec runs
         return F.linear(dnp_swiglu(a, b, g_gate, EPS), (w_down * g_up).bfloat16())
 
-    def make(fn):
-        x = gu.clone().requires_grad_()
-        c = torch.compile(lambda t: fn(*t.chunk(2, -1)))
-        return lambda: c(x).backward(dh)
-
-    fns = {"plain SwiGLU (baseline)": plain, "DNP autograd, γ_up on activations": autograd_act,
+    fns = {"plain SwiGLU (baseline)": case.plain, "DNP autograd, γ_up on activations": autograd_act,
            "DNP autograd, γ_up in W_down": autograd_w, "DNP dnp_swiglu, γ_up in W_down": fused}
-    times = timed({k: make(f) for k, f in fns.items()}, rounds)
+    times = timed({k: case.step(f) for k, f in fns.items()}, rounds)
     return report(f"MLP middle + W_down fwd+bwd, tokens={tokens} d={d} d_ff={d_ff}", times,
                   "plain SwiGLU (baseline)")
 

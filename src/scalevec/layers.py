@@ -82,12 +82,14 @@ class _DNPSwiGLU(torch.autograd.Function):
     Saves only the two branch outputs, what plain SwiGLU saves (autograd through ``rms_norm`` would also keep
     the normalised branches), and recomputes the rest in backward, differentiably (double backward works);
     its backward graph is shorter than autograd's, so the kernel ``torch.compile`` fuses from it is faster
-    (``docs/performance.md``)."""
+    (``docs/performance.md``). ``token_sum(t, dtype)`` reduces γ's gradient over tokens (``_token_sum``; the
+    benchmark of its alternatives passes others)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float,
+                token_sum=None) -> torch.Tensor:
         ctx.save_for_backward(gate, up, gain)
-        ctx.eps = eps
+        ctx.eps, ctx.token_sum = eps, token_sum or _token_sum
         xg, xu = _rms(gate, eps), _rms(up, eps)
         return (F.silu(xg * gain) * xu).to(gate.dtype)
 
@@ -102,19 +104,19 @@ class _DNPSwiGLU(torch.autograd.Function):
         silu = a * s
         dsilu = dh * xu
         da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
-        dgain = _token_sum(da * xg, gate.dtype)
+        dgain = ctx.token_sum(da * xg, gate.dtype)
         # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
         # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
         dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
         du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
-        return dg.to(gate.dtype), du.to(up.dtype), dgain, None
+        return dg.to(gate.dtype), du.to(up.dtype), dgain, None, None
 
 
 def _token_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Sum over every dimension but the last, in fp32. With low-precision inputs (bf16 autocast) the sum runs as a
     ones-vector matmul on ``t`` rounded to ``dtype``, the precision every weight gradient has under autocast:
-    inductor would otherwise keep ``t`` in fp32 for a column reduction, 1.5x plain SwiGLU's fwd+bwd at d_ff 1024
-    against 1.15x this way (``benchmarks/dnp_gain_reduction.py``)."""
+    written as an fp32 column sum, inductor keeps ``t`` in fp32 for it, which measured up to 1.65x plain
+    SwiGLU's fwd+bwd at d_ff 1024 against at most 1.20x this way (``benchmarks/dnp_gain_reduction.py``)."""
     t = t.flatten(0, -2)
     if dtype not in (torch.bfloat16, torch.float16):
         return t.sum(0)
