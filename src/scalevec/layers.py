@@ -6,8 +6,9 @@ Where a gain is applied is chosen for cost, not for form (measurements in ``docs
 - branch-specific input gains (HG) and DP output gains are multiplied into the weight by ``scaled_weight``
   (O(d_out·d_in) per step instead of O(tokens·d) per branch), so every site stays one fused matmul;
 - with DNP on the MLP, γ_up feeds W_down and is multiplied into W_down's columns; the two branch norms, γ_gate
-  and SwiGLU run as one autograd function (``dnp_swiglu``) that keeps only what plain SwiGLU keeps; under bf16
-  autocast its γ_gate gradient, a sum over tokens, is a bf16 ones-vector matmul (``_token_sum``);
+  and SwiGLU run as one op (``dnp_swiglu``) that keeps only what plain SwiGLU keeps: on CPU a hand-written kernel
+  (``cpu_kernels``) that reads each row once per direction, elsewhere an autograd function whose γ_gate
+  gradient, a sum over tokens, is a bf16 ones-vector matmul under bf16 autocast (``_token_sum``);
 - on CPU under bf16 autocast, attention runs in fp32 (torch's CPU flash kernel is faster there in fp32).
 """
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scalevec import cpu_kernels
 from scalevec.roles import Role, tag
 from scalevec.scale import ScaleVector, make_scale
 from scalevec.strategy import ScaleConfig, SiteSpec
@@ -77,39 +79,46 @@ def scaled_weight(w: torch.Tensor, v: torch.Tensor | None = None, u: torch.Tenso
 
 
 class _DNPSwiGLU(torch.autograd.Function):
-    """``silu(γ ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)`` with a hand-derived backward.
+    """``dnp_swiglu`` in PyTorch ops, with a hand-derived backward (``dnp_swiglu_backward``).
 
-    Saves only the two branch outputs, what plain SwiGLU saves (autograd through ``rms_norm`` would also keep
+    Saves only the projection output, what plain SwiGLU saves (autograd through ``rms_norm`` would also keep
     the normalised branches), and recomputes the rest in backward, differentiably (double backward works);
     its backward graph is shorter than autograd's, so the kernel ``torch.compile`` fuses from it is faster
     (``docs/performance.md``). ``token_sum(t, dtype)`` reduces γ's gradient over tokens (``_token_sum``; the
     benchmark of its alternatives passes others)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float,
-                token_sum=None) -> torch.Tensor:
-        ctx.save_for_backward(gate, up, gain)
+    def forward(ctx, gate_up: torch.Tensor, gain: torch.Tensor, eps: float, token_sum=None) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, gain)
         ctx.eps, ctx.token_sum = eps, token_sum or _token_sum
-        xg, xu = _rms(gate, eps), _rms(up, eps)
-        return (F.silu(xg * gain) * xu).to(gate.dtype)
+        gate, up = gate_up.chunk(2, -1)
+        return (F.silu(_rms(gate, eps) * gain) * _rms(up, eps)).to(gate_up.dtype)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
-        gate, up, gain = ctx.saved_tensors
-        xg, rg = _rms(gate, ctx.eps, with_rstd=True)
-        xu, ru = _rms(up, ctx.eps, with_rstd=True)
-        dh = dh.to(xg.dtype)
-        a = xg * gain
-        s = torch.sigmoid(a)
-        silu = a * s
-        dsilu = dh * xu
-        da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
-        dgain = ctx.token_sum(da * xg, gate.dtype)
-        # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
-        # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
-        dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
-        du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
-        return dg.to(gate.dtype), du.to(up.dtype), dgain, None, None
+        gate_up, gain = ctx.saved_tensors
+        return *dnp_swiglu_backward(dh, gate_up, gain, ctx.eps, ctx.token_sum), None, None
+
+
+def dnp_swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor, gain: torch.Tensor, eps: float,
+                        token_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``dnp_swiglu`` at ``gate_up`` and ``gain`` from the output gradient ``dh``, in
+    differentiable ops (the kernel's autograd uses it when a differentiable backward is asked for)."""
+    gate, up = gate_up.chunk(2, -1)
+    xg, rg = _rms(gate, eps, with_rstd=True)
+    xu, ru = _rms(up, eps, with_rstd=True)
+    dh = dh.to(xg.dtype)
+    a = xg * gain
+    s = torch.sigmoid(a)
+    silu = a * s
+    dsilu = dh * xu
+    da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
+    dgain = (token_sum or _token_sum)(da * xg, gate.dtype)
+    # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
+    # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
+    dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
+    du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
+    return torch.cat([dg, du], -1).to(gate_up.dtype), dgain.to(gain.dtype)
 
 
 def _token_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -131,10 +140,14 @@ def _rms(x: torch.Tensor, eps: float, with_rstd: bool = False):
     return (xf * r, r) if with_rstd else xf * r
 
 
-def dnp_swiglu(gate: torch.Tensor, up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """SwiGLU of DNP branches: ``silu(gain ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)``, norms over the last dimension, in
-    fp32 inside; returns ``gate``'s dtype."""
-    return _DNPSwiGLU.apply(gate, up, gain, eps)
+def dnp_swiglu(gate_up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """SwiGLU of DNP branches, ``silu(gain ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)`` with ``[gate | up] = gate_up`` along
+    the last dimension (one projection's output): norms over the branch width, fp32 inside, ``gate_up``'s dtype
+    out. On CPU the ``scalevec::dnp_swiglu`` kernel once ``cpu_kernels.load()`` has built it (a DNP model does
+    when constructed), else the PyTorch formulation."""
+    if cpu_kernels.dnp_swiglu_applies(gate_up):
+        return torch.ops.scalevec.dnp_swiglu(gate_up, gain, eps)[0]
+    return _DNPSwiGLU.apply(gate_up, gain, eps)
 
 
 def matrix(d_out: int, d_in: int, std: float, role: Role = Role.MATRIX) -> nn.Parameter:
@@ -190,11 +203,15 @@ class Site(nn.Module):
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every branch's ``W (v ⊙ x̂)`` (with DP's γ_a in W), before any norm on the branch outputs: one norm
         and one matmul for all branches."""
+        if len(self.defs) == 1:
+            return [self.project_joint(x)]
+        return list(torch.split(self.project_joint(x), self.splits, -1))
+
+    def project_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """``project``'s branch outputs side by side along the last dimension, as the one matmul makes them."""
         h = self.norm(x)
         ws = [self.effective_weight(b, fold_output=not self.spec.has_norm) for b in self.defs]
-        if len(ws) == 1:
-            return [F.linear(h, ws[0])]
-        return list(torch.split(F.linear(h, torch.cat(ws, 0)), self.splits, -1))
+        return F.linear(h, ws[0] if len(ws) == 1 else torch.cat(ws, 0))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         ys = self.project(x)
@@ -311,12 +328,14 @@ class MLP(nn.Module):
             scale.mlp, scale, cfg.norm_eps, cfg.init_std,
         )
         self.w_down = matrix(cfg.d_model, d_ff, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.dnp = self.gate_up.spec.has_norm and "gate" in self.gate_up.out_scales  # "up" has its γ_a too
+        if self.dnp:
+            cpu_kernels.load()  # the DNP kernel, built here rather than inside a traced forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         site = self.gate_up
-        if site.spec.has_norm and "gate" in site.out_scales:  # DNP: "up" has its γ_a too
-            gate, up = site.project(x)
-            h = dnp_swiglu(gate, up, site.out_scales["gate"](), site.eps)
+        if self.dnp:
+            h = dnp_swiglu(site.project_joint(x), site.out_scales["gate"](), site.eps)  # [gate | up] in
             return F.linear(h, scaled_weight(self.w_down, site.out_scales["up"]()))
         gate, up = site(x)
         return F.linear(F.silu(gate) * up, self.w_down)
