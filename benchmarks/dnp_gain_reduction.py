@@ -1,6 +1,8 @@
 """Why DNP's SwiGLU backward sums γ_gate's gradient as a bf16 matmul: ways to reduce ``t = da ⊙ x̂_gate`` over
-tokens, plugged into scalevec's own ``dnp_swiglu`` backward and measured like ``kernels.py`` (MLP middle +
-W_down, compiled fwd+bwd, bf16 inputs, one process, interleaved rounds; medians, ratios to plain SwiGLU).
+tokens, plugged into the backward of ``dnp_swiglu``'s PyTorch formulation and measured like ``kernels.py`` (MLP
+middle + W_down, compiled fwd+bwd, bf16 inputs, one process, interleaved rounds; medians, ratios to plain
+SwiGLU). This is the path a DNP model takes where the ``scalevec::dnp_swiglu`` CPU kernel is not built (the
+kernel sums γ_gate's gradient in fp32 per row block itself).
 
     python benchmarks/dnp_gain_reduction.py            # tiny (d_ff 512) and small (d_ff 1024) shapes
 
@@ -42,7 +44,7 @@ def run(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
     case = MLPCase.make(tokens, d, d_ff)
 
     def with_sum(token_sum):  # what MLP.forward runs for DNP, with this reduction in the backward
-        return lambda a, b: F.linear(_DNPSwiGLU.apply(a, b, case.g_gate, EPS, token_sum),
+        return lambda gu: F.linear(_DNPSwiGLU.apply(gu, case.g_gate, EPS, token_sum),
                                      (case.w_down * case.g_up).bfloat16())
 
     fns = {"plain SwiGLU (baseline)": case.plain, **{f"DNP {k}": with_sum(v) for k, v in VARIANTS.items()}}

@@ -6,13 +6,15 @@ interleaved rounds; times are medians, ratios medians of per-round ratios).
 1. attention: ``F.scaled_dot_product_attention`` (causal, CPU flash kernel) on bf16 vs fp32 q/k/v laid out as the
    model lays them out (a (B, T, 3, H, hd) projection, transposed) -> why attention runs in fp32 on CPU.
 2. DNP SwiGLU elementwise part: plain SwiGLU ``silu(g) * u`` (the baseline), autograd through ``F.rms_norm`` with
-   γ_up applied to activations, autograd with γ_up moved into W_down, and ``dnp_swiglu`` -> why the hand-derived
-   function and why γ_up sits on W_down.
+   γ_up applied to activations, autograd with γ_up moved into W_down, ``dnp_swiglu`` in its PyTorch formulation
+   (what inductor fuses) and as the ``scalevec::dnp_swiglu`` CPU kernel -> why the hand-derived function, why the
+   kernel and why γ_up sits on W_down.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from scalevec import cpu_kernels
 from scalevec.layers import dnp_swiglu
 
 EPS = 1e-6
@@ -89,35 +92,47 @@ class MLPCase:
             g_up=(1 + 0.1 * torch.randn(d_ff, generator=g)).requires_grad_(),
         )
 
-    def plain(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def plain(self, gu: torch.Tensor) -> torch.Tensor:
         """The baseline: plain SwiGLU and W_down."""
+        a, b = gu.chunk(2, -1)
         return F.linear(F.silu(a) * b, self.w_down.bfloat16())
 
-    def step(self, fn) -> callable:
-        """Compiled forward of ``fn(gate, up)`` plus its backward, as one benchmark candidate."""
+    def step(self, fn, kernel: bool = False) -> callable:
+        """Compiled forward of ``fn(gate_up)`` plus its backward, as one benchmark candidate; with ``kernel``
+        False scalevec's CPU kernels are off (their PyTorch formulations run)."""
         x = self.gu.clone().requires_grad_()
-        c = torch.compile(lambda t: fn(*t.chunk(2, -1)))
-        return lambda: c(x).backward(self.dh)
+        c = torch.compile(fn)
+
+        def run():
+            with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+                c(x).backward(self.dh)
+        return run
 
 
 def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
     case = MLPCase.make(tokens, d, d_ff)
     d_ff, g_gate, g_up, w_down = case.g_gate.numel(), case.g_gate, case.g_up, case.w_down
 
-    def autograd_act(a, b):  # γ_up on the activations, both norms through autograd
+    def autograd_act(gu):  # γ_up on the activations, both norms through autograd
+        a, b = gu.chunk(2, -1)
         h = F.silu(F.rms_norm(a, (d_ff,), g_gate.bfloat16(), EPS)) * F.rms_norm(b, (d_ff,), g_up.bfloat16(), EPS)
         return F.linear(h, w_down.bfloat16())
 
-    def autograd_w(a, b):  # γ_up multiplied into W_down's columns
+    def autograd_w(gu):  # γ_up multiplied into W_down's columns
+        a, b = gu.chunk(2, -1)
         h = F.silu(F.rms_norm(a, (d_ff,), g_gate.bfloat16(), EPS)) * F.rms_norm(b, (d_ff,), None, EPS)
         return F.linear(h, (w_down * g_up).bfloat16())
 
-    def fused(a, b):  # what scalevec runs
-        return F.linear(dnp_swiglu(a, b, g_gate, EPS), (w_down * g_up).bfloat16())
+    def fused(gu):  # what scalevec runs
+        return F.linear(dnp_swiglu(gu, g_gate, EPS), (w_down * g_up).bfloat16())
 
-    fns = {"plain SwiGLU (baseline)": case.plain, "DNP autograd, γ_up on activations": autograd_act,
-           "DNP autograd, γ_up in W_down": autograd_w, "DNP dnp_swiglu, γ_up in W_down": fused}
-    times = timed({k: case.step(f) for k, f in fns.items()}, rounds)
+    cands = {"plain SwiGLU (baseline)": case.step(case.plain),
+             "DNP autograd, γ_up on activations": case.step(autograd_act),
+             "DNP autograd, γ_up in W_down": case.step(autograd_w),
+             "DNP dnp_swiglu PyTorch, γ_up in W_down": case.step(fused)}
+    if cpu_kernels.load():
+        cands["DNP dnp_swiglu kernel, γ_up in W_down"] = case.step(fused, kernel=True)
+    times = timed(cands, rounds)
     return report(f"MLP middle + W_down fwd+bwd, tokens={tokens} d={d} d_ff={d_ff}", times,
                   "plain SwiGLU (baseline)")
 

@@ -3,11 +3,14 @@ layers use (``scaled_weight``, ``dnp_swiglu``) are exact, differentiable twice a
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from scalevec import cpu_kernels
 from scalevec.layers import dnp_swiglu, scaled_weight
 from scalevec.models import build_model, model_preset
 from scalevec.strategy import PRESETS, preset
@@ -67,42 +70,53 @@ def test_scaled_weight_is_exact_and_twice_differentiable():
 
 
 def test_dnp_swiglu_is_exact_and_twice_differentiable():
+    """float64 runs the PyTorch formulation (the CPU kernel takes fp32/bf16/fp16; ``test_cpu_kernels``)."""
     g = torch.Generator().manual_seed(0)
-    gate, up = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gate_up = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
     gain = (1 + 0.3 * torch.randn(8, generator=g, dtype=torch.float64)).requires_grad_()
 
-    def f(a, b, c):
-        return dnp_swiglu(a, b, c, 1e-6)
+    def f(a, c):
+        return dnp_swiglu(a, c, 1e-6)
 
-    assert torch.autograd.gradcheck(f, (gate, up, gain))
-    assert torch.autograd.gradgradcheck(f, (gate, up, gain))
+    assert torch.autograd.gradcheck(f, (gate_up, gain))
+    assert torch.autograd.gradgradcheck(f, (gate_up, gain))
+    gate, up = gate_up.chunk(2, -1)
     ref = F.silu(F.rms_norm(gate, (8,), gain, 1e-6)) * F.rms_norm(up, (8,), None, 1e-6)
-    torch.testing.assert_close(f(gate, up, gain), ref)
+    torch.testing.assert_close(f(gate_up, gain), ref)
 
 
-def test_dnp_swiglu_bf16_matches_fp32_reference():
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "pytorch"])
+def test_dnp_swiglu_bf16_matches_fp32_reference(kernel, request):
     """bf16 branches (autocast) are normalised in fp32 inside: the result is the fp32 one rounded to bf16."""
+    if kernel:
+        request.getfixturevalue("cpu_kernel")
     g = torch.Generator().manual_seed(0)
-    gate, up = (torch.randn(64, 32, generator=g).bfloat16() for _ in range(2))
+    gate_up = torch.randn(64, 64, generator=g).bfloat16()
     gain = 1 + 0.3 * torch.randn(32, generator=g)
-    out = dnp_swiglu(gate, up, gain, 1e-6)
-    ref = F.silu(F.rms_norm(gate.float(), (32,), gain, 1e-6)) * F.rms_norm(up.float(), (32,), None, 1e-6)
+    with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+        out = dnp_swiglu(gate_up, gain, 1e-6)
+    gate, up = gate_up.float().chunk(2, -1)
+    ref = F.silu(F.rms_norm(gate, (32,), gain, 1e-6)) * F.rms_norm(up, (32,), None, 1e-6)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=8e-3)
 
 
-def test_dnp_swiglu_bf16_gradients_match_fp32_within_bf16_rounding():
-    """Under autocast, γ_gate's token sum runs as a bf16 ones-vector matmul (fp32 accumulation, bf16 result): its
-    gradient stays within bf16 rounding of the fp32 one, like every weight gradient under autocast."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "pytorch"])
+def test_dnp_swiglu_bf16_gradients_match_fp32_within_bf16_rounding(kernel, request):
+    """With bf16 branches γ_gate's gradient stays within bf16 rounding of the fp32 one, like every weight
+    gradient under autocast (the PyTorch formulation sums it as a bf16 ones-vector matmul; the kernel in fp32)."""
+    if kernel:
+        request.getfixturevalue("cpu_kernel")
     g = torch.Generator().manual_seed(0)
-    gate32, up32 = (torch.randn(512, 64, generator=g) for _ in range(2))
+    gate_up32 = torch.randn(512, 128, generator=g)
     w = torch.randn(512, 64, generator=g)
     gain32 = (1 + 0.3 * torch.randn(64, generator=g)).requires_grad_()
+    gate32, up32 = gate_up32.chunk(2, -1)
     ref = F.silu(F.rms_norm(gate32, (64,), gain32, 1e-6)) * F.rms_norm(up32, (64,), None, 1e-6)
     (ref * w).sum().backward()
     gain = gain32.detach().clone().requires_grad_()
-    gate, up = (t.bfloat16().requires_grad_() for t in (gate32, up32))
-    (dnp_swiglu(gate, up, gain, 1e-6).float() * w).sum().backward()
+    with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+        (dnp_swiglu(gate_up32.bfloat16().requires_grad_(), gain, 1e-6).float() * w).sum().backward()
     assert gain.grad.dtype == torch.float32
     torch.testing.assert_close(gain.grad, gain32.grad, rtol=3e-2, atol=3e-2 * gain32.grad.abs().mean().item())
 

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -50,7 +51,10 @@ def load() -> bool:
         return False
     try:
         _build()
-    except Exception as e:  # the compiler's output is long; its first line names the problem
+    # What a failed build raises: RuntimeError (compiler or ninja errors, no ninja), OSError (no compiler, a
+    # library that does not load), ImportError, subprocess errors; the compiler's output is long, its first line
+    # names the problem.
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         warnings.warn(f"scalevec: CPU kernels not built ({reason}); DNP runs its PyTorch formulation "
                       f"(same results up to rounding, slower)", RuntimeWarning, stacklevel=2)
@@ -67,8 +71,8 @@ def dnp_swiglu_applies(gate_up: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Runs the PyTorch formulations inside the block (benchmarks compare the two; models compiled inside keep
-    what they traced)."""
+    """Runs the PyTorch formulations inside the block (benchmarks and tests compare the two). Compiled code
+    guards on the switch, so a function compiled inside recompiles when called outside, and vice versa."""
     global _use
     before, _use = _use, False
     try:
