@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import scalevec.models.moe as moe_mod
+from scalevec import cpu_kernels
 from scalevec.config import load_config
 from scalevec.fold import fold
 from scalevec.info import count_params
@@ -111,6 +113,34 @@ def test_routing_matches_naive_loop(name, moe, per_expert):
         torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
     finally:
         moe_mod._grouped_ok = orig
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "pytorch"])
+def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, request):
+    """DNP with gains shared by the experts runs ``dnp_swiglu`` (γ_up in W_down); output and every gradient
+    equal those of the per-branch formulation (``F.rms_norm``, gains on the activations)."""
+    if kernel:
+        request.getfixturevalue("cpu_kernel")
+    m = MoE(small_cfg(num_shared=1), strategy("unified"))
+    assert m.dnp_shared
+    randomize(m)
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        m.zero_grad()
+        with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+            y = m(x)
+        (y * w).sum().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    y, grads = run()
+    m.dnp_shared = False
+    y_ref, grads_ref = run()
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 def test_padded_groups_match_unpadded():

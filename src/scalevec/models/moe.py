@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec.layers import MLP
+from scalevec import cpu_kernels
+from scalevec.layers import MLP, dnp_swiglu
 from scalevec.models.config import ModelConfig
 from scalevec.roles import Role, tag
 from scalevec.scale import ScaleVector, make_scale
@@ -78,6 +79,11 @@ class MoE(nn.Module):
             if rspec.has_input and not rspec.shared else None
         self.router_out = make_scale(m.num_experts, rspec.param, Role.OUTPUT_SCALE, scale, "router.out") \
             if rspec.has_output else None
+
+        # DNP with gains shared by the experts runs the dense MLP's ``dnp_swiglu`` (per-expert γ_gate does not).
+        self.dnp_shared = self.has_norm and "gate" in self.out_scales and not lead
+        if self.dnp_shared:
+            cpu_kernels.load()
 
         std = cfg.init_std
         self.router = tag(nn.Parameter(torch.randn(m.num_experts, d) * std), Role.ROUTER)
@@ -161,10 +167,15 @@ class MoE(nn.Module):
             mm = _loop_matmul(counts)
         dual = not self.has_norm
         w_gu = torch.cat([self.branch_weight(b, fold_output=dual) for b in BRANCHES], 1).to(dtype)
-        gate, up = mm(xs, w_gu).split(self.d_expert, -1)
-        if self.has_norm:
-            gate, up = self._norm_out("gate", gate, eid), self._norm_out("up", up, eid)
-        ys = mm((F.silu(gate) * up).to(dtype), self.w_down.to(dtype))
+        gate_up = mm(xs, w_gu)
+        if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
+            h = dnp_swiglu(gate_up, self.out_scales["gate"](), self.eps)
+            ys = mm(h.to(dtype), (self.w_down * self.out_scales["up"]()).to(dtype))
+        else:
+            gate, up = gate_up.split(self.d_expert, -1)
+            if self.has_norm:
+                gate, up = self._norm_out("gate", gate, eid), self._norm_out("up", up, eid)
+            ys = mm((F.silu(gate) * up).to(dtype), self.w_down.to(dtype))
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=h.device))
         ys = ys.index_select(0, inv).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
