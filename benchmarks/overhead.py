@@ -57,6 +57,7 @@ def main() -> None:
         row = {
             "shape": name, "tokens": shape.tokens, "precision": args.precision, "compile": args.compile,
             "step_ms": {k: 1e3 * median(v) for k, v in times.items()},
+            "round_ms": {k: [1e3 * t for t in v] for k, v in times.items()},  # every round, for spreads
             "first_step_s": warm,
             "time_ratio": ratio(times, args.strategy, "baseline"),
             "memory_ratio": c["total"] / b["total"],

@@ -159,7 +159,8 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_slots, dtype=torch.long, device=h.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        xs = h.index_select(0, order // K).to(dtype)  # rows sorted by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=h.device))
+        xs = _SortedRows.apply(h, order, inv, K).to(dtype)  # rows sorted by expert
         if _grouped_ok(h.device, dtype, self.d_model, self.d_expert):
             # On CUDA each group starts 16-byte aligned: the weight-gradient GEMM slices the row dimension.
             mm = _grouped_matmul(counts, eid, 16 // dtype.itemsize if h.device.type == "cuda" else 1)
@@ -176,8 +177,7 @@ class MoE(nn.Module):
             if self.has_norm:
                 gate, up = self._norm_out("gate", gate, eid), self._norm_out("up", up, eid)
             ys = mm((F.silu(gate) * up).to(dtype), self.w_down.to(dtype))
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=h.device))
-        ys = ys.index_select(0, inv).view(N, K, -1)  # back to (token, slot) order
+        ys = _SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
     def _norm_out(self, b: str, y: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
@@ -286,6 +286,27 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, shared={self.num_shared}, top_k={self.top_k}, "
                 f"d_expert={self.d_expert}, score={self.score}, dnp={self.has_norm}")
+
+
+class _SortedRows(torch.autograd.Function):
+    """``x[src // k]``: rows of ``x`` repeated ``k`` times each, then permuted by ``src`` (a permutation of
+    ``range(len(x) * k)``; ``inv`` is its inverse). Autograd would scatter-add the gradient back (atomic adds
+    that ``torch.compile`` cannot parallelise well on CPU); knowing ``src`` is a permutation, the backward is a
+    gather by ``inv`` and a sum over the ``k`` copies."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, src // k if k > 1 else src)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (inv,) = ctx.saved_tensors
+        g = g.index_select(0, inv)
+        if ctx.k > 1:
+            g = g.view(-1, ctx.k, *g.shape[1:]).sum(1)
+        return g, None, None, None
 
 
 def _experts(n: int, d_out: int, d_in: int, std: float) -> nn.Parameter:
