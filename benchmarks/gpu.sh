@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SCALEVEC_CACHE="${SCALEVEC_CACHE:-$PWD/.cache/scalevec}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export SCALEVEC_CPU_KERNELS=0  # CPU-only kernels: not worth their ~15 s build on the GPU's clock
 # A Python whose torch sees the GPU: $PY, else the project's venv, else python3 on PATH.
 PY="${PY:-}"
 for cand in "$PY" .venv/bin/python python3; do

@@ -89,6 +89,7 @@ class Step:
         self.fn = torch.compile(model) if compile else model
         self.optimizer = optimizer or build_optimizer(model, OptimConfig(), preset(strategy).weight_decay)
         self.aux = getattr(model, "aux_loss", lambda: None)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]  # as the trainer keeps it
 
     def forward(self) -> torch.Tensor:
         with autocast(self.precision, self.x.device.type):
@@ -99,7 +100,7 @@ class Step:
     def __call__(self) -> float:
         loss = self.forward()
         loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.trainable if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not bool(torch.isfinite(loss) and torch.isfinite(norm)):
             raise FloatingPointError("non-finite loss or gradient in a benchmark step")

@@ -28,7 +28,7 @@ def timed_parts(step: Step) -> list[float]:
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
-    params = [p for p in step.model.parameters() if p.grad is not None]
+    params = [p for p in step.trainable if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     torch.nn.utils.clip_grads_with_norm_(params, 1.0, norm)
     t3 = time.perf_counter()

@@ -378,6 +378,8 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
     optimizer = build_optimizer(wrapped, cfg.optim, cfg.scale.weight_decay, roles)
     step_fn = torch.compile(wrapped) if compiled else wrapped
     hooks = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
+    # Walking the module tree every step costs ~5 µs per parameter on CPU (measured, docs/performance.md).
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
     eval_hooks = [m for m in model.modules() if hasattr(m, "eval_metrics")]
 
     start, tokens, wall_prev, skipped_steps = 0, 0, 0.0, 0
@@ -459,7 +461,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             _poison_grad(optimizer, nan_role)
         # clip_grad_norm_ split in two: clipping with a non-finite norm would smear NaN over every gradient
         # and hide which groups diverged.
-        params = [p for p in wrapped.parameters() if p.grad is not None]
+        params = [p for p in trainable if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
