@@ -131,6 +131,26 @@ def interleaved(cands: dict[str, Callable[[], object]], rounds: int, steps: int,
     return times
 
 
+def warm_steps(shape: Shape, strategies: list[str], x: torch.Tensor, y: torch.Tensor, precision: str = "bf16",
+               compile: bool = True, warmup: int = 3) -> dict[str, Step]:
+    """One ``Step`` per strategy, each run ``warmup`` times (compilation, allocator) before anything is timed."""
+    steps = {s: Step(build(shape, s), x, y, precision, compile, s) for s in strategies}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    return steps
+
+
+def interleaved_calls(steps: dict[str, Step], rounds: int, fn: Callable[[Step], list[float]]) -> dict[str, list]:
+    """``fn(step)`` (one round's measurement of a step) for every step, alternating as in ``interleaved``."""
+    out: dict[str, list] = {s: [] for s in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for s in names if r % 2 == 0 else names[::-1]:
+            out[s].append(fn(steps[s]))
+    return out
+
+
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of the per-round time ratio (drift in machine load cancels within a round)."""
     return statistics.median(a / b for a, b in zip(times[num], times[den]))

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
-from harness import SHAPES, Step, batch, build
+from harness import SHAPES, batch, warm_steps
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -43,10 +43,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     shape = SHAPES[args.shape]
     x, y = batch(shape)
-    steps = {s: Step(build(shape, s), x, y, "bf16", True, s) for s in args.strategies}
-    for s in steps.values():
-        for _ in range(3):
-            s()
+    steps = warm_steps(shape, args.strategies, x, y)
     n = args.rounds * args.steps
     us: dict[str, dict[str, float]] = {s: defaultdict(float) for s in steps}
     calls: dict[str, dict[str, float]] = {s: defaultdict(float) for s in steps}

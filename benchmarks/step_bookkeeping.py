@@ -18,7 +18,7 @@ import time
 
 import torch
 import torch._dynamo
-from harness import SHAPES, Step, batch, build
+from harness import SHAPES, Step, batch, interleaved_calls, warm_steps
 
 PARTS = ("walk", "list", "norm", "isfinite", "clip", "optimizer", "zero_grad")
 
@@ -54,15 +54,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     shape = SHAPES[args.shape]
     x, y = batch(shape)
-    steps = {s: Step(build(shape, s), x, y, "bf16", True, s) for s in args.strategies}
-    for s in steps.values():
-        for _ in range(3):
-            s()
-    res: dict[str, list[list[float]]] = {s: [] for s in steps}
-    names = list(steps)
-    for r in range(args.rounds):
-        for s in names if r % 2 == 0 else names[::-1]:
-            res[s].append(timed(steps[s]))
+    steps = warm_steps(shape, args.strategies, x, y)
+    res = interleaved_calls(steps, args.rounds, timed)
     print(f"{args.shape}: bf16 + compile, threads={torch.get_num_threads()} torch={torch.__version__}; "
           f"medians over {args.rounds} interleaved rounds, µs")
     print(f"  {'strategy':<10}" + "".join(f"{k:>11}" for k in PARTS) + "    tensors")

@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch._dynamo
-from harness import SHAPES, Step, batch, build
+from harness import SHAPES, Step, batch, interleaved_calls, warm_steps
 
 PARTS = ("forward", "backward", "clip", "optimizer")
 
@@ -50,15 +50,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     shape = SHAPES[args.shape]
     x, y = batch(shape)
-    steps = {s: Step(build(shape, s), x, y, args.precision, args.compile, s) for s in args.strategies}
-    for s in steps.values():
-        for _ in range(3):
-            s()
-    res: dict[str, list[list[float]]] = {s: [] for s in steps}
-    names = list(steps)
-    for r in range(args.rounds):
-        for s in names if r % 2 == 0 else names[::-1]:
-            res[s].append(timed_parts(steps[s]))
+    steps = warm_steps(shape, args.strategies, x, y, args.precision, args.compile)
+    res = interleaved_calls(steps, args.rounds, timed_parts)
     print(f"{args.shape}: precision={args.precision} compile={args.compile} threads={torch.get_num_threads()} "
           f"torch={torch.__version__}; medians over {args.rounds} interleaved rounds, ms")
     print(f"  {'strategy':<10} " + " ".join(f"{k:>9}" for k in PARTS) + "      step  vs baseline  tensors")

@@ -118,7 +118,8 @@ def dnp_swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor, gain: torch.Ten
     # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
     dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
     du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
-    return torch.cat([dg, du], -1).to(gate_up.dtype), dgain.to(gain.dtype)
+    # A token_sum may return None (the benchmark's floor without γ's gradient).
+    return torch.cat([dg, du], -1).to(gate_up.dtype), None if dgain is None else dgain.to(gain.dtype)
 
 
 def _token_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
