@@ -170,8 +170,8 @@ class MoE(nn.Module):
         w_gu = torch.cat([self.branch_weight(b, fold_output=dual) for b in BRANCHES], 1).to(dtype)
         gate_up = mm(xs, w_gu)
         if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
-            h = dnp_swiglu(gate_up, self.out_scales["gate"](), self.eps)
-            ys = mm(h.to(dtype), (self.w_down * self.out_scales["up"]()).to(dtype))
+            z = dnp_swiglu(gate_up, self.out_scales["gate"](), self.eps)
+            ys = mm(z.to(dtype), (self.w_down * self.out_scales["up"]()).to(dtype))
         else:
             gate, up = gate_up.split(self.d_expert, -1)
             if self.has_norm:
