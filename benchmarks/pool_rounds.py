@@ -1,0 +1,43 @@
+"""Pool the rounds of several ``overhead.py --json`` runs: the median per-round time ratio over all of them and
+a bootstrap 95% interval for it (one run's ratio moves more than its A/A row suggests on a shared host).
+
+    for i in $(seq 10); do python benchmarks/overhead.py --control --rounds 31 --json /tmp/run$i.json; done
+    python benchmarks/pool_rounds.py /tmp/run*.json                 # or a file holding a list of their rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="overhead.py --json outputs (lists of rows with round_ms)")
+    p.add_argument("--shape", default="tiny")
+    p.add_argument("--resamples", type=int, default=2000)
+    args = p.parse_args()
+    rows = [r for f in args.files for r in json.loads(Path(f).read_text()) if r["shape"] == args.shape]
+    if not rows or any("round_ms" not in r for r in rows):
+        raise SystemExit(f"pool_rounds.py: no {args.shape} rows with round_ms (overhead.py --json) in {args.files}")
+    cand = next(k for k in rows[0]["round_ms"] if k not in ("baseline", "control"))
+    pooled: dict[str, list[float]] = {}
+    for r in rows:
+        t = r["round_ms"]
+        for k in t:
+            if k != "baseline":
+                pooled.setdefault(k, []).extend(a / b for a, b in zip(t[k], t["baseline"]))
+    rng = random.Random(0)
+    for k, v in pooled.items():
+        boot = sorted(statistics.median(rng.choices(v, k=len(v))) for _ in range(args.resamples))
+        lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot))]
+        name = f"{cand}/baseline" if k == cand else "A/A"
+        print(f"{args.shape}: {name:<18} pooled median {statistics.median(v):.3f}  95% interval {lo:.3f}-{hi:.3f}  "
+              f"({len(rows)} runs, {len(v)} rounds)")
+
+
+if __name__ == "__main__":
+    main()
