@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch._dynamo
@@ -71,8 +72,8 @@ def main() -> None:
         _print(row, args.strategy)
         torch._dynamo.reset()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def _print(r: dict, strategy: str) -> None:

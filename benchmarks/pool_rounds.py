@@ -1,8 +1,8 @@
 """Pool the rounds of several ``overhead.py --json`` runs: the median per-round time ratio over all of them and
 a bootstrap 95% interval for it (one run's ratio moves more than its A/A row suggests on a shared host).
 
-    for i in $(seq 10); do python benchmarks/overhead.py --control --rounds 31 --json /tmp/run$i.json; done
-    python benchmarks/pool_rounds.py /tmp/run*.json                 # or a file holding a list of their rows
+    for i in $(seq 10); do python benchmarks/overhead.py --control --rounds 31 --json runs/overhead/tiny_$i.json; done
+    python benchmarks/pool_rounds.py runs/overhead/tiny_*.json      # or a file holding a list of their rows
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ def main() -> None:
     p.add_argument("--shape", default="tiny")
     p.add_argument("--resamples", type=int, default=2000)
     args = p.parse_args()
-    rows = [r for f in args.files for r in json.loads(Path(f).read_text()) if r["shape"] == args.shape]
-    if not rows or any("round_ms" not in r for r in rows):
-        raise SystemExit(f"pool_rounds.py: no {args.shape} rows with round_ms (overhead.py --json) in {args.files}")
+    rows = []
+    for f in args.files:
+        data = json.loads(Path(f).read_text())
+        if not isinstance(data, list) or not all(isinstance(r, dict) and "round_ms" in r for r in data):
+            raise SystemExit(f"pool_rounds.py: {f} is not an overhead.py --json output (rows with round_ms)")
+        rows += [r for r in data if r.get("shape") == args.shape]
+    if not rows:
+        raise SystemExit(f"pool_rounds.py: no {args.shape} rows in {' '.join(args.files)}")
     cand = next(k for k in rows[0]["round_ms"] if k not in ("baseline", "control"))
     pooled: dict[str, list[float]] = {}
     for r in rows:

@@ -26,10 +26,11 @@ PARTS = ("walk", "list", "norm", "isfinite", "clip", "optimizer", "zero_grad")
 def timed(step: Step) -> list[float]:
     step.forward().backward()
     t = [time.perf_counter()]
-    params = [p for p in step.model.parameters() if p.grad is not None]
+    walked = [p for p in step.model.parameters() if p.grad is not None]  # timed only, for comparison
     t.append(time.perf_counter())
     params = [p for p in step.trainable if p.grad is not None]
     t.append(time.perf_counter())
+    assert len(params) == len(walked)
     norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     t.append(time.perf_counter())
     if not bool(torch.isfinite(norm)):
