@@ -13,8 +13,8 @@ from scalevec.groups import param_groups
 from scalevec.info import count_params
 from scalevec.models import MODEL_PRESETS, build_model, model_preset
 from scalevec.roles import Role, param_roles, role_of
-from scalevec.scale import ScaleVector
-from scalevec.strategy import PRESETS, preset
+from scalevec.scale import BranchGains, ScaleVector, gains
+from scalevec.strategy import PRESETS, ScaleConfig, preset
 from scalevec.typed_config import ConfigError
 
 STYLES = ("llama", "gemma")
@@ -146,7 +146,7 @@ def test_decay_policies(policy, inp, out):
 
 def test_unified_roles_follow_the_reader():
     m = tiny("unified")
-    roles = {mod.slot: mod.role for mod in m.modules() if isinstance(mod, ScaleVector)}
+    roles = {g.slot: g.role for _, g in gains(m)}
     assert roles["attn.q.in"] == Role.INPUT_SCALE
     assert roles["attn.q.out"] == Role.OUTPUT_SCALE  # feeds q·kᵀ
     assert roles["attn.v.out"] == Role.INPUT_SCALE  # read by W_o
@@ -159,7 +159,7 @@ def test_role_override_by_slot():
     mc = model_preset("tiny")
     mc.vocab_size = 64
     m = build_model(mc, cfg.scale)
-    roles = {mod.slot: mod.role for mod in m.modules() if isinstance(mod, ScaleVector)}
+    roles = {g.slot: g.role for _, g in gains(m)}
     assert roles["attn.q.out"] == Role.INPUT_SCALE
 
 
@@ -238,3 +238,70 @@ def test_set_value_keeps_direction_norm_of_init(param):
     sv = ScaleVector(64, param, Role.INPUT_SCALE)
     sv.set_value(torch.rand(64) + 0.5)
     assert sv.direction.norm().item() == pytest.approx(64 ** 0.5, rel=1e-5)
+
+
+# ---- storage: one parameter tensor per gain group ----------------------------------------------------------
+
+
+def test_every_gain_is_one_tensor_and_branches_share_one_per_role():
+    m = tiny("unified")
+    assert all(len(list(sv.parameters())) == 1 for sv in m.modules() if isinstance(sv, ScaleVector))
+    qkv = m.blocks[0].attn.qkv
+    # q/k/v input gains: one (3, d + 1) tensor (OR's α and m side by side); outputs split by role
+    assert dict(qkv.in_scales.named_parameters()).keys() == {"q_k_v.packed"}
+    assert qkv.in_scales.q_k_v.packed.shape == (3, 64 + 1)
+    assert {k for k, _ in qkv.out_scales.named_children()} == {"q", "k", "v"}  # GQA: q wider than k
+
+
+def test_grouped_gains_update_like_separate_tensors():
+    """AdamW on a (branch, α|m) tensor takes the steps it takes on a separate α and m per branch."""
+    scale = ScaleConfig()
+    bg = BranchGains([(b, 8, Role.INPUT_SCALE, f"a.{b}.in") for b in ("q", "k", "v")], "or", scale)
+    with torch.no_grad():
+        bg.q_k_v.packed.mul_(torch.rand(3, 9, generator=torch.Generator().manual_seed(0)) + 0.5)
+    sep = [t.detach().clone().requires_grad_() for r in bg.q_k_v.packed for t in (r[:8], r[8:])]
+
+    def reference(a, m):  # PAPER.md §3: γ = m · √d · α/‖α‖
+        return m * 8 ** 0.5 * a / a.norm()
+
+    targets = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    opt_g = torch.optim.AdamW(bg.parameters(), lr=0.05, weight_decay=0.1)
+    opt_s = torch.optim.AdamW(sep, lr=0.05, weight_decay=0.1)
+    for _ in range(5):
+        for opt, gam in ((opt_g, list(bg.gammas().values())),
+                         (opt_s, [reference(sep[2 * i], sep[2 * i + 1]) for i in range(3)])):
+            opt.zero_grad()
+            sum(((g - t) ** 2).sum() for g, t in zip(gam, targets)).backward()
+            opt.step()
+    for i, b in enumerate(("q", "k", "v")):
+        torch.testing.assert_close(bg[b](), reference(sep[2 * i], sep[2 * i + 1]).detach())
+
+
+def _one_tensor_per_branch(model) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the layout before grouping: ``<site>.in_scales.q.direction`` etc."""
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, BranchGains):
+            for key, sv in m.named_children():
+                rows = sd.pop(f"{name}.{key}.{'gamma' if sv.param == 'plain' else 'packed'}")
+                for b, row in zip(key.split("_"), rows):
+                    if sv.param == "plain":
+                        sd[f"{name}.{b}.gamma"] = row
+                    else:
+                        sd[f"{name}.{b}.direction"], sd[f"{name}.{b}.magnitude"] = row[..., : sv.dim], row[..., sv.dim:]
+        elif isinstance(m, ScaleVector) and f"{name}.packed" in sd:
+            packed = sd.pop(f"{name}.packed")
+            sd[f"{name}.direction"], sd[f"{name}.magnitude"] = packed[..., : m.dim], packed[..., m.dim:]
+    return sd
+
+
+@pytest.mark.parametrize("strategy", ["hg", "dp", "or", "er", "unified"])
+def test_checkpoint_with_one_tensor_per_gain_loads(strategy):
+    m = tiny(strategy)
+    perturb_gains(m)
+    old = _one_tensor_per_branch(m)
+    assert {k: v.shape for k, v in old.items()} != {k: v.shape for k, v in m.state_dict().items()}
+    fresh = tiny(strategy)
+    fresh.load_state_dict(old, strict=True)
+    x = torch.randint(0, 96, (2, 12))
+    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)

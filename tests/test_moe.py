@@ -22,6 +22,7 @@ from scalevec.models.config import MODEL_PRESETS, ModelConfig, MoEConfig
 from scalevec.models.moe import MoE, active_params, expert_load_metrics, moe_layers
 from scalevec.muon_batched import BatchedMuon
 from scalevec.roles import SCALE_ROLES, Role, param_roles, role_of
+from scalevec.scale import gains
 from scalevec.strategy import preset
 from scalevec.typed_config import ConfigError
 
@@ -251,7 +252,7 @@ def test_first_dense_and_roles():
     for w in ("w_gate", "w_up", "w_down"):
         assert roles[ffn + w] == Role.EXPERT_MATRIX and dict(model.named_parameters())[ffn + w].shape[0] == 5
     assert roles[ffn + "router"] == Role.ROUTER
-    slot_roles = {m.slot: m.role for m in model.blocks[1].ffn.modules() if hasattr(m, "slot")}
+    slot_roles = {g.slot: g.role for _, g in gains(model.blocks[1].ffn)}
     assert slot_roles == {"mlp.gate.in": Role.INPUT_SCALE, "mlp.up.in": Role.INPUT_SCALE,
                           "mlp.gate.out": Role.OUTPUT_SCALE, "mlp.up.out": Role.INPUT_SCALE,
                           "router.in": Role.INPUT_SCALE}

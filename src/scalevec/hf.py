@@ -6,7 +6,7 @@ neither imports ``transformers``: the ``hf`` extra is only needed to *use* an ex
 **Export.** Every norm site is written in Pre-Norm form ``W_b (γ ⊙ x̂)``, the only form a Llama block has: the
 site's shared input γ becomes HF's norm weight, and every other pure reparameterisation (HG's per-branch γ,
 DP's γ_a, OR/ER's magnitude × direction) is multiplied into W with the algebra of ``scalevec.fold``
-(``Site.effective_weight``). Keeping the shared γ in the norm instead of folding it as well keeps tied
+(``Site.effective_weights``). Keeping the shared γ in the norm instead of folding it as well keeps tied
 embeddings tied and makes import → export the identity. Style ``llama`` exports as ``LlamaForCausalLM``,
 ``qwen3`` (per-head QK-norm before RoPE) as ``Qwen3ForCausalLM``, and ``gemma`` (QK-norm and post-branch
 norms) as ``Gemma3ForCausalLM`` with SiLU, full attention in every layer, query scaling 1/√head_dim, its
@@ -145,7 +145,7 @@ def prenorm_form(site: Site) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The site as ``W_b (γ ⊙ x̂)``: its shared input γ (ones if none) and each branch's folded weight."""
     if site.spec.has_norm:
         raise ValueError(f"site {site.name!r} normalises after W (DNP) and has no Pre-Norm form")
-    weights = {b.name: site.effective_weight(b, fold_output=True).detach() for b in site.defs}
+    weights = {b.name: w.detach() for b, w in zip(site.defs, site.effective_weights(fold_output=True))}
     gain = site.in_scale() if site.in_scale is not None else next(iter(weights.values())).new_ones(site.d_in)
     return gain.detach(), weights
 

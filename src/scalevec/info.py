@@ -7,7 +7,7 @@ from collections import Counter
 from torch import nn
 
 from scalevec.roles import SCALE_ROLES, Role, param_roles
-from scalevec.scale import ScaleVector
+from scalevec.scale import BranchGain, gains
 
 EMBEDDING_ROLES = (Role.EMBEDDING, Role.HEAD)
 
@@ -31,10 +31,12 @@ def count_params(model: nn.Module) -> dict:
 
 
 def scale_sites(model: nn.Module) -> list[dict]:
-    """Every scale vector: where it sits, its role, parameterisation and size."""
+    """Every scale vector, one per branch: where it sits, its role, parameterisation and size."""
     out = []
-    for name, m in model.named_modules():
-        if isinstance(m, ScaleVector):
-            out.append({"module": name, "slot": m.slot, "role": m.role.value, "param": m.param,
-                        "numel": sum(p.numel() for p in m.parameters())})
+    for name, g in gains(model):
+        if isinstance(g, BranchGain):  # a row of a grouped tensor: its share of the parameters
+            numel = sum(p[g.row].numel() for p in g.vector.parameters())
+        else:
+            numel = sum(p.numel() for p in g.parameters())
+        out.append({"module": name, "slot": g.slot, "role": g.role.value, "param": g.param, "numel": numel})
     return out

@@ -24,7 +24,7 @@ from torch import nn
 
 from scalevec import cpu_kernels
 from scalevec.roles import Role, tag
-from scalevec.scale import ScaleVector, make_scale
+from scalevec.scale import BranchGains, ScaleVector, make_scale
 from scalevec.strategy import ScaleConfig, SiteSpec
 
 
@@ -180,26 +180,25 @@ class Site(nn.Module):
             else None
         )
         self.weights = nn.ParameterDict()
-        self.in_scales = nn.ModuleDict()
-        self.out_scales = nn.ModuleDict()
         for b in branches:
             self.weights[b.name] = weight if weight is not None else matrix(b.d_out, d_in, std, weight_role)
-            if spec.has_input and not shared:
-                self.in_scales[b.name] = make_scale(d_in, spec.param, Role.INPUT_SCALE, scale,
-                                                    f"{name}.{b.name}.in")
-            if spec.has_output:
-                role = Role.INPUT_SCALE if b.out_feeds_linear else Role.OUTPUT_SCALE
-                self.out_scales[b.name] = make_scale(b.d_out, spec.param, role, scale, f"{name}.{b.name}.out")
+        ins = [(b.name, d_in, Role.INPUT_SCALE, f"{name}.{b.name}.in") for b in branches] \
+            if spec.has_input and not shared else []
+        # γ_a read by a linear map (v feeds W_o, up feeds W_down) is Input-role for IWD.
+        outs = [(b.name, b.d_out, Role.INPUT_SCALE if b.out_feeds_linear else Role.OUTPUT_SCALE,
+                 f"{name}.{b.name}.out") for b in branches] if spec.has_output else []
+        self.in_scales = BranchGains(ins, spec.param, scale)
+        self.out_scales = BranchGains(outs, spec.param, scale)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         g = self.in_scale() if self.in_scale is not None else None
         return F.rms_norm(x, (self.d_in,), g, self.eps)
 
-    def effective_weight(self, b: BranchDef, fold_output: bool) -> torch.Tensor:
-        """W with the branch's own input gain (and, for DP, its output gain) multiplied in."""
-        v = self.in_scales[b.name]() if b.name in self.in_scales else None
-        u = self.out_scales[b.name]() if fold_output and b.name in self.out_scales else None
-        return scaled_weight(self.weights[b.name], v, u)
+    def effective_weights(self, fold_output: bool) -> list[torch.Tensor]:
+        """Every branch's W with its own input gain (and, for DP, its output gain) multiplied in."""
+        v = self.in_scales.gammas()
+        u = self.out_scales.gammas() if fold_output else {}
+        return [scaled_weight(self.weights[b.name], v.get(b.name), u.get(b.name)) for b in self.defs]
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every branch's ``W (v ⊙ x̂)`` (with DP's γ_a in W), before any norm on the branch outputs: one norm
@@ -211,18 +210,19 @@ class Site(nn.Module):
     def project_joint(self, x: torch.Tensor) -> torch.Tensor:
         """``project``'s branch outputs side by side along the last dimension, as the one matmul makes them."""
         h = self.norm(x)
-        ws = [self.effective_weight(b, fold_output=not self.spec.has_norm) for b in self.defs]
+        ws = self.effective_weights(fold_output=not self.spec.has_norm)
         return F.linear(h, ws[0] if len(ws) == 1 else torch.cat(ws, 0))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         ys = self.project(x)
         if self.spec.has_norm:
-            ys = [self._norm_out(b, y) for b, y in zip(self.defs, ys)]
+            gains = self.out_scales.gammas()
+            ys = [self._norm_out(b, y, gains.get(b.name)) for b, y in zip(self.defs, ys)]
         return ys
 
-    def _norm_out(self, b: BranchDef, y: torch.Tensor) -> torch.Tensor:
+    def _norm_out(self, b: BranchDef, y: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
         # γ_a in y's dtype: an fp32 gain would promote a bf16 branch (and everything after it) to fp32.
-        gain = self.out_scales[b.name]().to(y.dtype) if b.name in self.out_scales else None
+        gain = gain.to(y.dtype) if gain is not None else None
         g = b.norm_group or b.d_out
         if g == b.d_out:
             return F.rms_norm(y, (g,), gain, self.eps)
@@ -232,13 +232,14 @@ class Site(nn.Module):
     @torch.no_grad()
     def folded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """{branch: (weight with every foldable gain multiplied in, the output gain a norm keeps or None)}."""
+        ws = self.effective_weights(fold_output=not self.spec.has_norm)
+        keep = self.out_scales.gammas() if self.spec.has_norm else {}
         out = {}
-        for b in self.defs:
-            w = self.effective_weight(b, fold_output=not self.spec.has_norm)
+        for b, w in zip(self.defs, ws):
             if self.in_scale is not None:
                 w = w * self.in_scale().unsqueeze(0)
-            keep = self.out_scales[b.name]() if self.spec.has_norm and b.name in self.out_scales else None
-            out[b.name] = (w.detach().clone(), None if keep is None else keep.detach().clone())
+            k = keep.get(b.name)
+            out[b.name] = (w.detach().clone(), None if k is None else k.detach().clone())
         return out
 
 
@@ -336,7 +337,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         site = self.gate_up
         if self.dnp:
-            h = dnp_swiglu(site.project_joint(x), site.out_scales["gate"](), site.eps)  # [gate | up] in
-            return F.linear(h, scaled_weight(self.w_down, site.out_scales["up"]()))
+            g = site.out_scales.gammas()
+            h = dnp_swiglu(site.project_joint(x), g["gate"], site.eps)  # [gate | up] in
+            return F.linear(h, scaled_weight(self.w_down, g["up"]))
         gate, up = site(x)
         return F.linear(F.silu(gate) * up, self.w_down)

@@ -30,7 +30,7 @@ from scalevec import cpu_kernels
 from scalevec.layers import MLP, dnp_swiglu
 from scalevec.models.config import ModelConfig
 from scalevec.roles import Role, tag
-from scalevec.scale import ScaleVector, make_scale
+from scalevec.scale import BranchGains, make_scale
 from scalevec.strategy import ScaleConfig
 
 BRANCHES = ("gate", "up")
@@ -67,14 +67,14 @@ class MoE(nn.Module):
         self.in_scale = make_scale(d, spec.param, Role.INPUT_SCALE, scale, "mlp.in") \
             if spec.has_input and spec.shared else None
         lead = (n,) if scale.expert_gains == "per_expert" else ()
-        self.in_scales = nn.ModuleDict()
-        self.out_scales = nn.ModuleDict()
-        for b in BRANCHES:
-            if spec.has_input and not spec.shared:
-                self.in_scales[b] = make_scale(d, spec.param, Role.INPUT_SCALE, scale, f"mlp.{b}.in", lead)
-            if spec.has_output:  # up's γ_a feeds W_down: Input-role for IWD, as in the dense MLP
-                role = Role.INPUT_SCALE if b == "up" else Role.OUTPUT_SCALE
-                self.out_scales[b] = make_scale(de, spec.param, role, scale, f"mlp.{b}.out", lead)
+        ins = [(b, d, Role.INPUT_SCALE, f"mlp.{b}.in") for b in BRANCHES] \
+            if spec.has_input and not spec.shared else []
+        # up's γ_a feeds W_down: Input-role for IWD, as in the dense MLP.
+        outs = [(b, de, Role.INPUT_SCALE if b == "up" else Role.OUTPUT_SCALE, f"mlp.{b}.out") for b in BRANCHES] \
+            if spec.has_output else []
+        self.in_scales = BranchGains(ins, spec.param, scale, lead)
+        self.out_scales = BranchGains(outs, spec.param, scale, lead)
+        self.per_expert_gains = bool(lead)
         self.router_in = make_scale(d, rspec.param, Role.INPUT_SCALE, scale, "router.in") \
             if rspec.has_input and not rspec.shared else None
         self.router_out = make_scale(m.num_experts, rspec.param, Role.OUTPUT_SCALE, scale, "router.out") \
@@ -102,14 +102,19 @@ class MoE(nn.Module):
 
     # ---- weights with the strategy's gains ------------------------------------------------------------------
 
-    def branch_weight(self, b: str, fold_output: bool) -> torch.Tensor:
-        """(n, d_expert, d_model): W with the branch's own input gain (and, for DP, its output gain) in."""
-        w = self.w_gate if b == "gate" else self.w_up
-        if b in self.in_scales:
-            w = w * self.in_scales[b]().unsqueeze(-2)
-        if fold_output and b in self.out_scales:
-            w = w * self.out_scales[b]().unsqueeze(-1)
-        return w
+    def branch_weights(self, fold_output: bool) -> dict[str, torch.Tensor]:
+        """{branch: (n, d_expert, d_model) W with the branch's own input gain (and, for DP, its output gain)}."""
+        v = self.in_scales.gammas()
+        u = self.out_scales.gammas() if fold_output else {}
+        out = {}
+        for b in BRANCHES:
+            w = self.w_gate if b == "gate" else self.w_up
+            if b in v:
+                w = w * v[b].unsqueeze(-2)
+            if b in u:
+                w = w * u[b].unsqueeze(-1)
+            out[b] = w
+        return out
 
     def router_weight(self) -> torch.Tensor:
         w = self.router
@@ -166,26 +171,25 @@ class MoE(nn.Module):
             mm = _grouped_matmul(counts, eid, 16 // dtype.itemsize if h.device.type == "cuda" else 1)
         else:
             mm = _loop_matmul(counts)
-        dual = not self.has_norm
-        w_gu = torch.cat([self.branch_weight(b, fold_output=dual) for b in BRANCHES], 1).to(dtype)
+        w_gu = torch.cat(list(self.branch_weights(fold_output=not self.has_norm).values()), 1).to(dtype)
         gate_up = mm(xs, w_gu)
+        g = self.out_scales.gammas() if self.has_norm else {}
         if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
-            z = dnp_swiglu(gate_up, self.out_scales["gate"](), self.eps)
-            ys = mm(z.to(dtype), (self.w_down * self.out_scales["up"]()).to(dtype))
+            z = dnp_swiglu(gate_up, g["gate"], self.eps)
+            ys = mm(z.to(dtype), (self.w_down * g["up"]).to(dtype))
         else:
             gate, up = gate_up.split(self.d_expert, -1)
             if self.has_norm:
-                gate, up = self._norm_out("gate", gate, eid), self._norm_out("up", up, eid)
+                gate, up = self._norm_out(gate, g.get("gate"), eid), self._norm_out(up, g.get("up"), eid)
             ys = mm((F.silu(gate) * up).to(dtype), self.w_down.to(dtype))
         ys = _SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
-    def _norm_out(self, b: str, y: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
+    def _norm_out(self, y: torch.Tensor, g: torch.Tensor | None, eid: torch.Tensor) -> torch.Tensor:
         y = F.rms_norm(y, (self.d_expert,), None, self.eps)
-        if b not in self.out_scales:
+        if g is None:
             return y
-        g = self.out_scales[b]()
-        return y * (g.index_select(0, eid) if g.dim() == 2 else g)
+        return y * (g.index_select(0, eid) if self.per_expert_gains else g)
 
     def _balance_loss(self, scores: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
         """Switch/GShard ``E · Σ_e f_e P_e``: 1 for uniform routing, larger when load concentrates.
@@ -267,8 +271,7 @@ class MoE(nn.Module):
     def fold_into(self, dst: MoE) -> None:
         """Copy into ``dst`` (built with the folded strategy) with every foldable gain multiplied in."""
         g = self.in_scale() if self.in_scale is not None else None
-        for b in BRANCHES:
-            w = self.branch_weight(b, fold_output=not self.has_norm)
+        for b, w in self.branch_weights(fold_output=not self.has_norm).items():
             getattr(dst, f"w_{b}").copy_(w if g is None else w * g)
             if self.has_norm and b in self.out_scales:
                 dst.out_scales[b].set_value(self.out_scales[b]())
@@ -278,9 +281,9 @@ class MoE(nn.Module):
 
     def inactive_params(self) -> int:
         """Parameters a token does not touch: the unselected routed experts' share of every per-expert tensor."""
-        gains: list[ScaleVector] = [*self.in_scales.values(), *self.out_scales.values()]
         per_expert = [self.w_gate, self.w_up, self.w_down]
-        per_expert += [p for g in gains for p in g.parameters() if p.dim() == 2]  # lead (n,): per-expert gains
+        if self.per_expert_gains:  # rows (branch, expert, dim)
+            per_expert += [*self.in_scales.parameters(), *self.out_scales.parameters()]
         return sum(p.numel() // self.n_slots * (self.num_experts - self.top_k) for p in per_expert)
 
     def extra_repr(self) -> str:

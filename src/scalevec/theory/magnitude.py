@@ -53,8 +53,8 @@ def wander(sv: ScaleVector, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in sv.parameters():
         p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g, dtype=p.dtype))
-        if sv.param == "er" and p is sv.magnitude:
-            p.add_(0.4)
+    if sv.param == "er":
+        sv.magnitude.add_(0.4)  # a view of the packed parameter
 
 
 def measure(param: str, d: int, seed: int, at_init: bool) -> dict[str, float]:
