@@ -173,14 +173,12 @@ class BranchGains(nn.Module):
         for branch, dim, role, slot in members:
             if "_" in branch:
                 raise ValueError(f"branch name {branch!r}: '_' joins branch names in group names")
-            role = Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else Role(role)
-            groups.setdefault((dim, role), []).append((branch, slot))
+            groups.setdefault((dim, slot_role(slot, role, cfg)), []).append((branch, slot))
         self._rows: dict[str, tuple[str, int]] = {}
         for (dim, role), group in groups.items():
             key = "_".join(b for b, _ in group)
-            self.add_module(key, ScaleVector(dim, param, role, init=cfg.init, magnitude=cfg.magnitude,
-                                             sqrt_d=cfg.sqrt_d, er_exp=cfg.er_exp, lead=(len(group), *lead),
-                                             slot=",".join(s for _, s in group)))
+            self.add_module(key, make_scale(dim, param, role, cfg, ",".join(s for _, s in group),
+                                            lead=(len(group), *lead)))
             self._rows.update({b: (key, i) for i, (b, _) in enumerate(group)})
         self.register_load_state_dict_pre_hook(self._stack_branches)
 
@@ -229,9 +227,13 @@ def make_scale(
     """A scale vector configured from a ``ScaleConfig``; ``None`` for ``param='none'``."""
     if param == "none":
         return None
-    role = Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else role
-    return ScaleVector(dim, param, role, init=cfg.init, magnitude=cfg.magnitude, sqrt_d=cfg.sqrt_d,
-                       er_exp=cfg.er_exp, lead=lead, slot=slot)
+    return ScaleVector(dim, param, slot_role(slot, role, cfg), init=cfg.init, magnitude=cfg.magnitude,
+                       sqrt_d=cfg.sqrt_d, er_exp=cfg.er_exp, lead=lead, slot=slot)
+
+
+def slot_role(slot: str, default: Role, cfg) -> Role:
+    """A gain's role: ``cfg.roles`` overrides it by slot name (``scale.roles={'attn.q.out'='input'}``)."""
+    return Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else Role(default)
 
 
 def gains(model: nn.Module) -> Iterator[tuple[str, ScaleVector | BranchGain]]:
