@@ -144,8 +144,10 @@ def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, reques
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_padded_groups_match_unpadded():
-    """The CUDA path pads every expert's group to an aligned row count; the result must not change."""
+@pytest.mark.parametrize("slack_in_last", [True, False], ids=["cuda-layout", "cpu-layout"])
+def test_padded_groups_match_unpadded(slack_in_last):
+    """Both paths pad every expert's group to an aligned row count (CUDA: the buffer's tail in the last group;
+    CPU: in no group, its output rows left unwritten); the result and the gradients must not change."""
     g = torch.Generator().manual_seed(0)
     xs, w = torch.randn(11, 8, generator=g), torch.randn(4, 12, 8, generator=g)
     counts = torch.tensor([3, 0, 7, 1])
@@ -154,11 +156,31 @@ def test_padded_groups_match_unpadded():
     grads = []
     for align in (1, 8):
         x_, w_ = xs.clone().requires_grad_(), w.clone().requires_grad_()
-        y = moe_mod._grouped_matmul(counts, eid, align)(x_, w_)
+        y = moe_mod._grouped_matmul(counts, eid, align, slack_in_last)(x_, w_)
         torch.testing.assert_close(y, ref)
         y.square().sum().backward()
         grads.append((x_.grad, w_.grad))
     torch.testing.assert_close(grads[0], grads[1])
+    assert all(bool(t.isfinite().all()) for t in grads[1])
+
+
+def test_cpu_group_padding_changes_nothing_but_speed():
+    """A layer with groups padded to 16 rows (the CPU default) equals one with none, forward and backward."""
+    m = MoE(small_cfg(num_shared=1), strategy("unified"))
+    randomize(m)
+    assert m.cpu_group_rows == moe_mod.CPU_GROUP_ROWS > 1
+    assert moe_mod._grouped_ok(torch.device("cpu"), torch.float32, m.d_model, m.d_expert)  # the padded path runs
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
+    out = []
+    for rows in (1, moe_mod.CPU_GROUP_ROWS):
+        m.cpu_group_rows = rows
+        m.zero_grad()
+        y = m(x)
+        y.square().sum().backward()
+        out.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+    for n, grad in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_dropless_when_every_token_picks_the_same_experts():
