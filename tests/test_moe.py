@@ -144,10 +144,9 @@ def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, reques
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("slack_in_last", [True, False], ids=["cuda-layout", "cpu-layout"])
-def test_padded_groups_match_unpadded(slack_in_last):
-    """Both paths pad every expert's group to an aligned row count (CUDA: the buffer's tail in the last group;
-    CPU: in no group, its output rows left unwritten); the result and the gradients must not change."""
+def test_padded_groups_match_unpadded():
+    """Both devices pad every expert's group to an aligned row count (zeros, the buffer's tail in the last group);
+    the result and the gradients must not change, and every padded row stays zero."""
     g = torch.Generator().manual_seed(0)
     xs, w = torch.randn(11, 8, generator=g), torch.randn(4, 12, 8, generator=g)
     counts = torch.tensor([3, 0, 7, 1])
@@ -155,18 +154,26 @@ def test_padded_groups_match_unpadded(slack_in_last):
     ref = torch.stack([w[e] @ x for e, x in zip(eid, xs)])
     grads = []
     for align in (1, 8):
+        groups = moe_mod._PaddedGroups(counts, eid, align)
+        assert groups.capacity % align == 0 and bool((groups.offs.diff() % align == 0).all())
         x_, w_ = xs.clone().requires_grad_(), w.clone().requires_grad_()
-        y = moe_mod._grouped_matmul(counts, eid, align, slack_in_last)(x_, w_)
+        yp = groups.mm_padded(groups.pad(x_), w_)
+        pad_rows = torch.ones(groups.capacity, dtype=torch.bool)
+        pad_rows[groups.pos] = False
+        assert bool((yp[pad_rows] == 0).all())
+        y = groups.unpad(yp)
         torch.testing.assert_close(y, ref)
         y.square().sum().backward()
         grads.append((x_.grad, w_.grad))
     torch.testing.assert_close(grads[0], grads[1])
-    assert all(bool(t.isfinite().all()) for t in grads[1])
 
 
-def test_cpu_group_padding_changes_nothing_but_speed():
-    """A layer with groups padded to 16 rows (the CPU default) equals one with none, forward and backward."""
-    m = MoE(small_cfg(num_shared=1), strategy("unified"))
+@pytest.mark.parametrize(("name", "per_expert"), [("baseline", False), ("unified", False), ("unified", True)],
+                         ids=["baseline", "unified-dnp-kernel", "unified-per-expert"])
+def test_cpu_group_padding_changes_nothing_but_speed(name, per_expert):
+    """A layer with groups padded to CPU_GROUP_ROWS (row-wise ops running on the padded layout between the two
+    projections) equals one with none, forward and backward."""
+    m = MoE(small_cfg(num_shared=1), strategy(name, per_expert))
     randomize(m)
     assert m.cpu_group_rows == moe_mod.CPU_GROUP_ROWS > 1
     assert moe_mod._grouped_ok(torch.device("cpu"), torch.float32, m.d_model, m.d_expert)  # the padded path runs
@@ -178,9 +185,9 @@ def test_cpu_group_padding_changes_nothing_but_speed():
         y = m(x)
         y.square().sum().backward()
         out.append((y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
-    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
     for n, grad in out[0][1].items():
-        torch.testing.assert_close(out[1][1][n], grad, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(out[1][1][n], grad, rtol=1e-4, atol=1e-5, msg=n)  # sums over more rows
 
 
 def test_dropless_when_every_token_picks_the_same_experts():

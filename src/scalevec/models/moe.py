@@ -174,23 +174,25 @@ class MoE(nn.Module):
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=h.device))
         xs = _SortedRows.apply(h, order, inv, K).to(dtype)  # rows sorted by expert
         if _grouped_ok(h.device, dtype, self.d_model, self.d_expert):
-            if h.device.type == "cuda":  # each group starts 16-byte aligned: the weight-gradient GEMM slices rows
-                mm = _grouped_matmul(counts, eid, 16 // dtype.itemsize)
-            else:
-                mm = _grouped_matmul(counts, eid, self.cpu_group_rows, slack_in_last=False)
+            # CUDA: each group starts 16-byte aligned (the weight-gradient GEMM slices rows); CPU: see CPU_GROUP_ROWS.
+            align = 16 // dtype.itemsize if h.device.type == "cuda" else self.cpu_group_rows
+            groups = _PaddedGroups(counts, eid, align)
         else:
-            mm = _loop_matmul(counts)
+            groups = _LoopGroups(counts)
         w_gu = torch.cat(list(self.branch_weights(fold_output=not self.has_norm).values()), 1).to(dtype)
-        gate_up = mm(xs, w_gu)
         g = self.out_scales.gammas() if self.has_norm else {}
         if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
+            # Row-wise, so it runs on the padded rows (zeros in, zeros out): no unpad/pad between the projections.
+            gate_up = groups.mm_padded(groups.pad(xs), w_gu)
             z = dnp_swiglu(gate_up, g["gate"], self.eps)
-            ys = mm(z.to(dtype), (self.w_down * g["up"]).to(dtype))
-        else:
-            gate, up = gate_up.split(self.d_expert, -1)
-            if self.has_norm:
-                gate, up = self._norm_out(gate, g.get("gate"), eid), self._norm_out(up, g.get("up"), eid)
-            ys = mm((F.silu(gate) * up).to(dtype), self.w_down.to(dtype))
+            ys = groups.unpad(groups.mm_padded(z.to(dtype), (self.w_down * g["up"]).to(dtype)))
+        elif not self.has_norm:
+            gate, up = groups.mm_padded(groups.pad(xs), w_gu).split(self.d_expert, -1)
+            ys = groups.unpad(groups.mm_padded((F.silu(gate) * up).to(dtype), self.w_down.to(dtype)))
+        else:  # per-expert DNP gains: rows need their expert's γ, kept in token order
+            gate, up = groups.unpad(groups.mm_padded(groups.pad(xs), w_gu)).split(self.d_expert, -1)
+            gate, up = self._norm_out(gate, g.get("gate"), eid), self._norm_out(up, g.get("up"), eid)
+            ys = groups.unpad(groups.mm_padded(groups.pad((F.silu(gate) * up).to(dtype)), self.w_down.to(dtype)))
         ys = _SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
@@ -335,39 +337,54 @@ def _grouped_ok(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
     return device.type in ("cpu", "cuda")
 
 
-def _grouped_matmul(counts: torch.Tensor, eid: torch.Tensor, align: int = 1, slack_in_last: bool = True):
-    """``x_rows @ W[e]ᵀ`` for rows sorted by expert (``eid``, ``counts`` rows each) in one grouped GEMM; each
-    group padded to a multiple of ``align`` rows with zeros, in a buffer sized by a static bound so nothing waits
-    on the host. The buffer's unused tail belongs to the last group (``slack_in_last``), or to no group: then
-    ``grouped_mm`` leaves those output rows unwritten, they are never read, and every group's row count stays a
-    multiple of ``align``.
+class _PaddedGroups:
+    """Rows sorted by expert (``eid``, ``counts`` rows each) laid out for ``F.grouped_mm``, each expert's group
+    padded with zero rows to a multiple of ``align``, in a buffer of static size (nothing waits on the host).
+
+    The buffer's tail past the last group is zeros too and belongs to the last group, whose row count then stays
+    a multiple of ``align`` as well (the capacity is one). A row-wise op may run on padded rows between two
+    ``mm_padded`` calls: zero rows in, zero rows out, and zero gradients back.
     """
-    rows = eid.numel()
-    if align == 1:
-        offs = counts.cumsum(0).to(torch.int32)
-        return lambda x, w: F.grouped_mm(x, w.mT, offs=offs)
-    padded = (counts + align - 1) // align * align
-    end = padded.cumsum(0)
-    capacity = rows + counts.numel() * (align - 1)
-    pos = torch.arange(rows, device=eid.device) - (counts.cumsum(0) - counts)[eid] + (end - padded)[eid]
-    offs = torch.cat([end[:-1], end.new_full((1,), capacity)]) if slack_in_last else end
-    offs = offs.to(torch.int32)
 
-    def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xp = x.new_zeros(capacity, x.shape[1]).index_copy(0, pos, x)
-        return F.grouped_mm(xp, w.mT, offs=offs).index_select(0, pos)
+    def __init__(self, counts: torch.Tensor, eid: torch.Tensor, align: int = 1):
+        rows = eid.numel()
+        padded = (counts + align - 1) // align * align
+        end = padded.cumsum(0)
+        self.capacity = (rows + counts.numel() * (align - 1) + align - 1) // align * align
+        self.identity = align == 1
+        self.pos = torch.arange(rows, device=eid.device) - (counts.cumsum(0) - counts)[eid] + (end - padded)[eid]
+        self.offs = torch.cat([end[:-1], end.new_full((1,), self.capacity)]).to(torch.int32)
 
-    return mm
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.identity else x.new_zeros(self.capacity, x.shape[1]).index_copy(0, self.pos, x)
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.identity else y.index_select(0, self.pos)
+
+    def mm_padded(self, xp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``xp[r] @ W[e(r)]ᵀ`` for every row of the padded layout; ``w``: (experts, d_out, d_in)."""
+        return F.grouped_mm(xp, w.mT, offs=self.offs)
+
+    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.unpad(self.mm_padded(self.pad(x), w))
 
 
-def _loop_matmul(counts: torch.Tensor):
-    """Fallback for shapes or dtypes ``grouped_mm`` rejects: one matmul per expert (syncs for the sizes)."""
-    sizes = counts.tolist()
+class _LoopGroups:
+    """Fallback for shapes or dtypes ``grouped_mm`` rejects: one matmul per expert (syncs for the sizes). There
+    is no padding, so ``pad`` and ``unpad`` are the identity."""
 
-    def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(c, w[e]) for e, c in enumerate(x.split(sizes))])
+    def __init__(self, counts: torch.Tensor):
+        self.sizes = counts.tolist()
 
-    return mm
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    unpad = pad
+
+    def mm_padded(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(c, w[e]) for e, c in enumerate(x.split(self.sizes))])
+
+    mm = mm_padded
 
 
 # ---- model-level helpers for the trainer and ``scalevec info`` ------------------------------------------------
