@@ -9,8 +9,9 @@ logits with ``dual``. ``scale.expert_gains = "per_expert"`` gives every expert i
 
 Dispatch is sort-based: the (token, slot) assignments are sorted by expert and run through
 ``F.grouped_mm`` (one call per projection, no capacity, no host sync; on CPU each expert's group is padded to
-``CPU_GROUP_ROWS`` rows, see there); shapes it cannot take fall back to a loop over experts. Shared experts are extra experts that every token visits with weight 1, so they share the
-batched weights, the grouped matmul and Muon's per-expert orthogonalisation.
+a multiple of ``CPU_GROUP_ROWS`` rows, see there); shapes it cannot take fall back to a loop over experts.
+Shared experts are extra experts that every token visits with weight 1, so they share the batched weights, the
+grouped matmul and Muon's per-expert orthogonalisation.
 
 Load balancing: the Switch/GShard auxiliary loss, the router z-loss (both in ``last_aux_loss``, which the
 decoder's ``aux_loss()`` sums) and DeepSeek-V3's auxiliary-loss-free bias, a buffer that only shifts which
@@ -180,19 +181,19 @@ class MoE(nn.Module):
         else:
             groups = _LoopGroups(counts)
         w_gu = torch.cat(list(self.branch_weights(fold_output=not self.has_norm).values()), 1).to(dtype)
+        # Row-wise ops run on the padded layout (zero rows in, zero rows out): no unpad/pad between the projections.
+        gate_up = groups.mm_padded(groups.pad(xs), w_gu)
         g = self.out_scales.gammas() if self.has_norm else {}
         if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
-            # Row-wise, so it runs on the padded rows (zeros in, zeros out): no unpad/pad between the projections.
-            gate_up = groups.mm_padded(groups.pad(xs), w_gu)
-            z = dnp_swiglu(gate_up, g["gate"], self.eps)
-            ys = groups.unpad(groups.mm_padded(z.to(dtype), (self.w_down * g["up"]).to(dtype)))
+            z, w_down = dnp_swiglu(gate_up, g["gate"], self.eps), self.w_down * g["up"]
         elif not self.has_norm:
-            gate, up = groups.mm_padded(groups.pad(xs), w_gu).split(self.d_expert, -1)
-            ys = groups.unpad(groups.mm_padded((F.silu(gate) * up).to(dtype), self.w_down.to(dtype)))
-        else:  # per-expert DNP gains: rows need their expert's γ, kept in token order
-            gate, up = groups.unpad(groups.mm_padded(groups.pad(xs), w_gu)).split(self.d_expert, -1)
+            gate, up = gate_up.split(self.d_expert, -1)
+            z, w_down = F.silu(gate) * up, self.w_down
+        else:  # per-expert DNP gains: each row needs its expert's γ, so these run on the unpadded rows
+            gate, up = groups.unpad(gate_up).split(self.d_expert, -1)
             gate, up = self._norm_out(gate, g.get("gate"), eid), self._norm_out(up, g.get("up"), eid)
-            ys = groups.unpad(groups.mm_padded(groups.pad((F.silu(gate) * up).to(dtype)), self.w_down.to(dtype)))
+            z, w_down = groups.pad(F.silu(gate) * up), self.w_down
+        ys = groups.unpad(groups.mm_padded(z.to(dtype), w_down.to(dtype)))
         ys = _SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
@@ -365,9 +366,6 @@ class _PaddedGroups:
         """``xp[r] @ W[e(r)]ᵀ`` for every row of the padded layout; ``w``: (experts, d_out, d_in)."""
         return F.grouped_mm(xp, w.mT, offs=self.offs)
 
-    def mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return self.unpad(self.mm_padded(self.pad(x), w))
-
 
 class _LoopGroups:
     """Fallback for shapes or dtypes ``grouped_mm`` rejects: one matmul per expert (syncs for the sizes). There
@@ -383,8 +381,6 @@ class _LoopGroups:
 
     def mm_padded(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.cat([F.linear(c, w[e]) for e, c in enumerate(x.split(self.sizes))])
-
-    mm = mm_padded
 
 
 # ---- model-level helpers for the trainer and ``scalevec info`` ------------------------------------------------
