@@ -1,8 +1,12 @@
 """Cost of a scale-vector strategy over the baseline: training-step time and memory ratios, one process.
 
     python benchmarks/overhead.py                                  # tiny, bf16 autocast + torch.compile
-    python benchmarks/overhead.py --shapes tiny small 0.12b-d2 moe-tiny moe-small moe-0.12b-d2
+    python benchmarks/overhead.py --shapes tiny small 0.12b-d2 moe-tiny moe-small moe-0.12b-d2 --runs 1
     python benchmarks/overhead.py --no-compile --precision fp32    # any other path
+
+Each measurement runs ``--runs`` times (default 5), each in a fresh process: on a shared host one process's ratio
+moves by several percent more than its A/A row suggests, so the runs' rounds are pooled at the end (median of all
+per-round ratios, bootstrap 95% interval, as ``pool_rounds.py`` does).
 
 Time: baseline and candidate steps alternate in rounds (median of per-round ratios); ``--control`` adds a
 second baseline model as an A/A row, the noise floor of the measurement. Memory: parameters + gradients +
@@ -14,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch._dynamo
 from harness import SHAPES, Step, batch, build, interleaved, median, ratio, training_memory
+from pool_rounds import pooled_lines
 
 
 def main() -> None:
@@ -32,8 +40,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per candidate per round")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--control", action="store_true", help="add an A/A row (a second baseline model)")
-    p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--runs", type=int, default=5, help="fresh processes whose rounds are pooled (1: this one)")
+    p.add_argument("--json", help="also write the results (every run's rows) to this file")
     args = p.parse_args()
+    if args.runs < 1:
+        p.error("--runs: must be >= 1")
+    if args.runs > 1:
+        pooled_runs(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # several models of one class compile in this process
@@ -71,6 +85,28 @@ def main() -> None:
         rows.append(row)
         _print(row, args.strategy)
         torch._dynamo.reset()
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+def pooled_runs(args: argparse.Namespace) -> None:
+    """Run this script ``args.runs`` times in fresh processes, then pool their rounds per shape."""
+    child = [sys.executable, __file__, "--shapes", *args.shapes, "--strategy", args.strategy, "--precision",
+             args.precision, "--compile" if args.compile else "--no-compile", "--rounds", str(args.rounds),
+             "--steps", str(args.steps), "--threads", str(args.threads), "--runs", "1",
+             *(["--control"] if args.control else [])]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            print(f"run {i + 1}/{args.runs}", flush=True)
+            out = Path(tmp) / f"run_{i}.json"
+            subprocess.run([*child, "--json", str(out)], check=True)
+            rows += json.loads(out.read_text())
+    print(f"pooled over {args.runs} runs:")
+    for name in args.shapes:
+        for line in pooled_lines([r for r in rows if r["shape"] == name], name):
+            print(f"  {line}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

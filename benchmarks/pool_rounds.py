@@ -28,6 +28,13 @@ def main() -> None:
         rows += [r for r in data if r.get("shape") == args.shape]
     if not rows:
         raise SystemExit(f"pool_rounds.py: no {args.shape} rows in {' '.join(args.files)}")
+    for line in pooled_lines(rows, args.shape, args.resamples):
+        print(line)
+
+
+def pooled_lines(rows: list[dict], shape: str, resamples: int = 2000) -> list[str]:
+    """One line per candidate (and the A/A row): the median of every run's per-round ratios and its bootstrap
+    95% interval."""
     cand = next(k for k in rows[0]["round_ms"] if k not in ("baseline", "control"))
     pooled: dict[str, list[float]] = {}
     for r in rows:
@@ -36,12 +43,14 @@ def main() -> None:
             if k != "baseline":
                 pooled.setdefault(k, []).extend(a / b for a, b in zip(t[k], t["baseline"]))
     rng = random.Random(0)
+    lines = []
     for k, v in pooled.items():
-        boot = sorted(statistics.median(rng.choices(v, k=len(v))) for _ in range(args.resamples))
+        boot = sorted(statistics.median(rng.choices(v, k=len(v))) for _ in range(resamples))
         lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot))]
         name = f"{cand}/baseline" if k == cand else "A/A"
-        print(f"{args.shape}: {name:<18} pooled median {statistics.median(v):.3f}  95% interval {lo:.3f}-{hi:.3f}  "
-              f"({len(rows)} runs, {len(v)} rounds)")
+        lines.append(f"{shape}: {name:<18} pooled median {statistics.median(v):.3f}  95% interval {lo:.3f}-{hi:.3f}  "
+                     f"({len(rows)} runs, {len(v)} rounds)")
+    return lines
 
 
 if __name__ == "__main__":
