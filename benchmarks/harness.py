@@ -21,7 +21,7 @@ from scalevec.config import OptimConfig
 from scalevec.models import build_model, model_preset
 from scalevec.models.config import ModelConfig
 from scalevec.optim import build_optimizer
-from scalevec.strategy import preset
+from scalevec.strategy import ScaleConfig, preset
 
 VOCAB = 4096  # the data pipeline's default BPE vocabulary (already a multiple of 64)
 
@@ -61,9 +61,14 @@ SHAPES = {s.name: s for s in (
 )}
 
 
-def build(shape: Shape, strategy: str, seed: int = 0, device: str = "cpu") -> nn.Module:
+def scale_config(strategy: str | ScaleConfig) -> ScaleConfig:
+    """A preset by name, or a ``ScaleConfig`` as given."""
+    return strategy if isinstance(strategy, ScaleConfig) else preset(strategy)
+
+
+def build(shape: Shape, strategy: str | ScaleConfig, seed: int = 0, device: str = "cpu") -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(shape.model_config(), preset(strategy)).to(device)
+    return build_model(shape.model_config(), scale_config(strategy)).to(device)
 
 
 def batch(shape: Shape, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +89,11 @@ class Step:
     step (scalevec's role groups, fused AdamW by default), ``zero_grad``."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "bf16",
-                 compile: bool = False, strategy: str = "baseline", optimizer: torch.optim.Optimizer | None = None):
+                 compile: bool = False, strategy: str | ScaleConfig = "baseline",
+                 optimizer: torch.optim.Optimizer | None = None):
         self.model, self.x, self.y, self.precision = model, x, y, precision
         self.fn = torch.compile(model) if compile else model
-        self.optimizer = optimizer or build_optimizer(model, OptimConfig(), preset(strategy).weight_decay)
+        self.optimizer = optimizer or build_optimizer(model, OptimConfig(), scale_config(strategy).weight_decay)
         self.aux = getattr(model, "aux_loss", lambda: None)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # as the trainer keeps it
 

@@ -3,6 +3,7 @@
     python benchmarks/overhead.py                                  # tiny, bf16 autocast + torch.compile
     python benchmarks/overhead.py --shapes tiny small 0.12b-d2 moe-tiny moe-small moe-0.12b-d2 --runs 1
     python benchmarks/overhead.py --no-compile --precision fp32    # any other path
+    python benchmarks/overhead.py --set scale.weight_decay=none       # the candidate preset with overrides
 
 Each measurement runs ``--runs`` times (default 5), each in a fresh process: on a shared host one process's ratio
 moves by several percent more than its A/A row suggests, so the runs' rounds are pooled at the end (median of all
@@ -29,6 +30,9 @@ import torch._dynamo
 from harness import SHAPES, Step, batch, build, interleaved, median, ratio, training_memory
 from pool_rounds import pooled_lines
 
+from scalevec.config import load_config
+from scalevec.typed_config import ConfigError
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,11 +44,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="steps per candidate per round")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--control", action="store_true", help="add an A/A row (a second baseline model)")
+    p.add_argument("--set", nargs="+", default=[], metavar="scale.KEY=VALUE",
+                   help="overrides of the candidate's strategy (an ablation of a preset)")
     p.add_argument("--runs", type=int, default=5, help="fresh processes whose rounds are pooled (1: this one)")
     p.add_argument("--json", help="also write the results (every run's rows) to this file")
     args = p.parse_args()
     if args.runs < 1:
         p.error("--runs: must be >= 1")
+    if bad := [o for o in args.set if not o.startswith("scale.") or "=" not in o]:
+        p.error(f"--set: {bad[0]!r} is not a scale.KEY=VALUE override")
+    try:
+        candidate = load_config(None, [f"scale.strategy={args.strategy}", *args.set]).scale
+    except ConfigError as e:
+        p.error(str(e))
     if args.runs > 1:
         pooled_runs(args)
         return
@@ -52,12 +64,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = 64  # several models of one class compile in this process
     print(f"path: precision={args.precision} compile={args.compile} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians of per-round ratios")
+          f"torch={torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians of per-round ratios"
+          + (f"; candidate {args.strategy} with {' '.join(args.set)}" if args.set else ""))
     rows = []
     for name in args.shapes:
         shape = SHAPES[name]
         x, y = batch(shape)
-        names = ["baseline", args.strategy] + (["baseline"] if args.control else [])
+        names = ["baseline", candidate] + (["baseline"] if args.control else [])
         keys = ["baseline", args.strategy] + (["control"] if args.control else [])
         steps, warm = {}, {}
         for key, strategy in zip(keys, names):
@@ -95,7 +108,7 @@ def pooled_runs(args: argparse.Namespace) -> None:
     child = [sys.executable, __file__, "--shapes", *args.shapes, "--strategy", args.strategy, "--precision",
              args.precision, "--compile" if args.compile else "--no-compile", "--rounds", str(args.rounds),
              "--steps", str(args.steps), "--threads", str(args.threads), "--runs", "1",
-             *(["--control"] if args.control else [])]
+             *(["--control"] if args.control else []), *(["--set", *args.set] if args.set else [])]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.runs):
