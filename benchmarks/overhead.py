@@ -57,6 +57,8 @@ def main() -> None:
         candidate = load_config(None, [f"scale.strategy={args.strategy}", *args.set]).scale
     except ConfigError as e:
         p.error(str(e))
+    # The candidate's name in every printed line and in the JSON rows: the preset, with its overrides if any.
+    label = args.strategy + (f"[{','.join(o.removeprefix('scale.') for o in args.set)}]" if args.set else "")
     if args.runs > 1:
         pooled_runs(args)
         return
@@ -65,13 +67,13 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64  # several models of one class compile in this process
     print(f"path: precision={args.precision} compile={args.compile} threads={torch.get_num_threads()} "
           f"torch={torch.__version__}; {args.rounds} rounds x {args.steps} steps, medians of per-round ratios"
-          + (f"; candidate {args.strategy} with {' '.join(args.set)}" if args.set else ""))
+          + (f"; candidate {label}" if args.set else ""))
     rows = []
     for name in args.shapes:
         shape = SHAPES[name]
         x, y = batch(shape)
         names = ["baseline", candidate] + (["baseline"] if args.control else [])
-        keys = ["baseline", args.strategy] + (["control"] if args.control else [])
+        keys = ["baseline", label] + (["control"] if args.control else [])
         steps, warm = {}, {}
         for key, strategy in zip(keys, names):
             s = Step(build(shape, strategy), x, y, args.precision, args.compile, strategy)
@@ -81,13 +83,13 @@ def main() -> None:
             steps[key] = s
         mem = {k: training_memory(s) for k, s in steps.items() if k != "control"}
         times = interleaved(steps, args.rounds, args.steps)
-        b, c = mem["baseline"], mem[args.strategy]
+        b, c = mem["baseline"], mem[label]
         row = {
             "shape": name, "tokens": shape.tokens, "precision": args.precision, "compile": args.compile,
             "step_ms": {k: 1e3 * median(v) for k, v in times.items()},
             "round_ms": {k: [1e3 * t for t in v] for k, v in times.items()},  # every round, for spreads
             "first_step_s": warm,
-            "time_ratio": ratio(times, args.strategy, "baseline"),
+            "time_ratio": ratio(times, label, "baseline"),
             "memory_ratio": c["total"] / b["total"],
             "activation_ratio": c["activations"] / b["activations"],
             "state_ratio": c["state"] / b["state"],
@@ -96,7 +98,7 @@ def main() -> None:
         if args.control:
             row["control_ratio"] = ratio(times, "control", "baseline")
         rows.append(row)
-        _print(row, args.strategy)
+        _print(row, label)
         torch._dynamo.reset()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
