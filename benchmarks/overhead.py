@@ -49,8 +49,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="fresh processes whose rounds are pooled (1: this one)")
     p.add_argument("--json", help="also write the results (every run's rows) to this file")
     args = p.parse_args()
-    if args.runs < 1:
-        p.error("--runs: must be >= 1")
+    for flag in ("runs", "rounds", "steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag}: must be >= 1")
     if bad := [o for o in args.set if not o.startswith("scale.") or "=" not in o]:
         p.error(f"--set: {bad[0]!r} is not a scale.KEY=VALUE override")
     try:
@@ -100,9 +101,7 @@ def main() -> None:
         rows.append(row)
         _print(row, label)
         torch._dynamo.reset()
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    _write_json(args.json, rows)
 
 
 def pooled_runs(args: argparse.Namespace) -> None:
@@ -116,15 +115,22 @@ def pooled_runs(args: argparse.Namespace) -> None:
         for i in range(args.runs):
             print(f"run {i + 1}/{args.runs}", flush=True)
             out = Path(tmp) / f"run_{i}.json"
-            subprocess.run([*child, "--json", str(out)], check=True)
+            rc = subprocess.run([*child, "--json", str(out)], check=False).returncode
+            if rc != 0:  # the child printed its own error; the runs before it are kept if --json was given
+                _write_json(args.json, rows)
+                raise SystemExit(f"overhead.py: run {i + 1}/{args.runs} exited with status {rc}")
             rows += json.loads(out.read_text())
     print(f"pooled over {args.runs} runs:")
     for name in args.shapes:
         for line in pooled_lines([r for r in rows if r["shape"] == name], name):
             print(f"  {line}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    _write_json(args.json, rows)
+
+
+def _write_json(path: str | None, rows: list[dict]) -> None:
+    if path and rows:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=1))
 
 
 def _print(r: dict, strategy: str) -> None:
