@@ -89,18 +89,22 @@ def _build() -> None:
             import ninja
 
             os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
-    capability = torch.backends.cpu.get_cpu_capability()
     # One build per capability and torch version: a cache shared by different machines or an upgraded torch never
     # loads a library built for something else.
-    name = re.sub(r"\W", "_", f"scalevec_cpu_{capability}_{torch.__version__}").lower()
+    name = re.sub(r"\W", "_", f"scalevec_cpu_{torch.backends.cpu.get_cpu_capability()}_{torch.__version__}").lower()
     load_extension(
         name=name,
         sources=[str(CSRC / "dnp_swiglu.cpp")],
-        extra_cflags=["-O3", "-fopenmp", *_ARCH_FLAGS.get(capability, [])],
+        extra_cflags=compile_flags(),
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
+
+
+def compile_flags() -> list[str]:
+    """The compiler flags of the build: optimised, OpenMP, and the instruction set torch dispatches to here."""
+    return ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
 def _register() -> None:
