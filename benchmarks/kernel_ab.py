@@ -35,6 +35,7 @@ def source_at(rev: str) -> str:
     """The kernel's source at a git revision, or the working tree's for ``rev=''``."""
     if not rev:
         return SOURCE.read_text()
+
     def git(*cmd: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(CSRC), *cmd], check=False, capture_output=True, text=True)
 
@@ -51,7 +52,7 @@ def build(source: str, namespace: str, workdir: Path):
     renamed = re.sub(r"TORCH_LIBRARY(_IMPL)?\(scalevec\b", rf"TORCH_LIBRARY\1({namespace}", source)
     path = workdir / f"{namespace}.cpp"
     path.write_text(renamed)
-    load(name=f"{namespace}_{abs(hash(renamed)) % 10**10}", sources=[str(path)], extra_cflags=compile_flags(),
+    load(name=namespace, sources=[str(path)], extra_cflags=compile_flags(),
          extra_ldflags=["-fopenmp"], is_python_module=False, build_directory=str(workdir), verbose=False)
     return getattr(torch.ops, namespace)
 
