@@ -141,7 +141,10 @@ def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, reques
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads_ref.keys()
     for n in grads:
-        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+        # Up to rounding, relative to each tensor's scale: some entries are exact cancellations (the magnitude of an
+        # input gain whose branches are normalised has zero gradient) and keep fp32 noise of the terms summed.
+        scale = max(1.0, grads_ref[n].abs().max().item())
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
 
 
 def test_padded_groups_match_unpadded():
