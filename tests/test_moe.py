@@ -144,7 +144,8 @@ def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, reques
         # Up to rounding, relative to each tensor's scale: some entries are exact cancellations (the magnitude of an
         # input gain whose branches are normalised has zero gradient) and keep fp32 noise of the terms summed.
         scale = max(1.0, grads_ref[n].abs().max().item())
-        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5 * scale, msg=n)
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_padded_groups_match_unpadded():

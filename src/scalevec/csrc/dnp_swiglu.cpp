@@ -107,8 +107,8 @@ void forward_rows(const at::Tensor& gate_up, const float* gain, float eps, T* ou
   at::parallel_for(0, r.count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T *grow = base + i * r.stride, *urow = grow + n;
-      // One accumulator per vector of a chunk: with one, this pass waited on the fmadd latency chain (measured
-      // 0.96-0.97x the forward's time with two, benchmarks/kernel_ab.py).
+      // One accumulator per vector of a chunk: a single one made this pass wait on its chain of dependent fmadds.
+      // For 16-bit rows (two vectors a chunk) the forward took 0.96-0.97x as long (benchmarks/kernel_ab.py).
       fVec sg[Chunk<T>::kVecs], su[Chunk<T>::kVecs];
       for (int64_t k = 0; k < Chunk<T>::kVecs; ++k) sg[k] = su[k] = fVec(0.f);
       for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
