@@ -317,9 +317,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     run_dir = Path(cfg.run.out)
     try:
         with StopSignal() as stop:
-            return _train(cfg, resume, device, info, run_dir, stop)
-    finally:
-        D.cleanup(info)
+            summary = _train(cfg, resume, device, info, run_dir, stop)
+    except BaseException:
+        D.cleanup(info, finished=False)
+        raise
+    D.cleanup(info)
+    return summary
 
 
 def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo) -> None:
