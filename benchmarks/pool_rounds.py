@@ -34,8 +34,7 @@ def main() -> None:
 
 def pooled_lines(rows: list[dict], shape: str, resamples: int = 2000) -> list[str]:
     """One line per candidate (and the A/A row): the median of every run's per-round ratios and its bootstrap
-    95% interval."""
-    cand = next(k for k in rows[0]["round_ms"] if k not in ("baseline", "control"))
+    95% interval. Rows of several candidates (e.g. a preset and an ablation of it) give one line each."""
     pooled: dict[str, list[float]] = {}
     for r in rows:
         t = r["round_ms"]
@@ -47,9 +46,10 @@ def pooled_lines(rows: list[dict], shape: str, resamples: int = 2000) -> list[st
     for k, v in pooled.items():
         boot = sorted(statistics.median(rng.choices(v, k=len(v))) for _ in range(resamples))
         lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot))]
-        name = f"{cand}/baseline" if k == cand else "A/A"
+        name = "A/A" if k == "control" else f"{k}/baseline"
+        runs = sum(k in r["round_ms"] for r in rows)
         lines.append(f"{shape}: {name:<18} pooled median {statistics.median(v):.3f}  95% interval {lo:.3f}-{hi:.3f}  "
-                     f"({len(rows)} runs, {len(v)} rounds)")
+                     f"({runs} runs, {len(v)} rounds)")
     return lines
 
 
