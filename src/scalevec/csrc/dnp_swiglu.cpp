@@ -43,7 +43,7 @@ struct Chunk {
   fVec v[kVecs];
 
   // Loads elements [j, j + kSize) of a row of width n; past n the chunk holds zeros.
-  static Chunk load(const T* row, int64_t j, int64_t n) {
+  C10_ALWAYS_INLINE static Chunk load(const T* row, int64_t j, int64_t n) {
     T padded[kSize];
     const T* p = row + j;
     if (j + kSize > n) {
@@ -60,7 +60,7 @@ struct Chunk {
     return c;
   }
 
-  void store(T* row, int64_t j, int64_t n) const {
+  C10_ALWAYS_INLINE void store(T* row, int64_t j, int64_t n) const {
     T out[kSize];
     T* p = j + kSize > n ? out : row + j;
     if constexpr (kVecs == 1) {
@@ -72,7 +72,7 @@ struct Chunk {
   }
 };
 
-inline fVec sigmoid(const fVec& a) { return fVec(1.f) / (fVec(1.f) + a.neg().exp_u20()); }
+C10_ALWAYS_INLINE fVec sigmoid(const fVec& a) { return fVec(1.f) / (fVec(1.f) + a.neg().exp_u20()); }
 
 inline float reduce_sum(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
@@ -136,58 +136,85 @@ void forward_rows(const at::Tensor& gate_up, const float* gain, float eps, T* ou
   });
 }
 
+// What one backward call reads and writes.
+template <typename T>
+struct Backward {
+  const T *base, *dh;
+  int64_t stride, dh_stride, n, np;
+  const float *gain, *rstd;
+  T* dgate_up;
+};
+
+// One row's backward, adding γ's gradient for it to acc. buf holds the row's fp32 gradients at x̂ (gate's, then
+// up's) between the two passes; it stays in L1.
+//
+// Kept out of line: with this body inlined into the row loop, as it was, the backward took 1.14-1.23x as long
+// on tiny's rows (2048 x 512 bf16) arriving from memory and 1.02-1.03x in cache, 1.06-1.10x and 1.05-1.07x at
+// 1024 x 3328 (benchmarks/kernel_ab.py, cold and warm; the outputs are bitwise the same). Why is not
+// established. The row helpers it calls are forced inline: GCC declined to inline Chunk::load here, and the
+// calls spilled every vector register (1.5x as long).
+template <typename T>
+C10_NOINLINE void backward_row(const Backward<T>& a, int64_t i, float* acc, float* buf) {
+  constexpr int64_t kVecs = Chunk<T>::kVecs;
+  const int64_t n = a.n;
+  const T* grow = a.base + i * a.stride;
+  const T* dhrow = a.dh + i * a.dh_stride;
+  const float* gain = a.gain;
+  const float rg = a.rstd[2 * i], ru = a.rstd[2 * i + 1];
+  float *dxg = buf, *dxu = buf + a.np;
+  // Pass 1: the gradients at x̂ (dx̂_gate = γ ⊙ da, dx̂_up = dh ⊙ silu(a)), kept in fp32 for pass 2, the row sums
+  // Σ dx̂ ⊙ x̂ the norms' backward needs, and γ's gradient da ⊙ x̂_gate.
+  fVec s_gate(0.f), s_up(0.f);
+  for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
+    const auto gc = Chunk<T>::load(grow, j, n), uc = Chunk<T>::load(grow + n, j, n),
+               dc = Chunk<T>::load(dhrow, j, n);
+    for (int64_t k = 0; k < kVecs; ++k) {
+      const int64_t o = j + k * fVec::size();
+      const auto xhg = gc.v[k] * fVec(rg), xhu = uc.v[k] * fVec(ru), gam = fVec::loadu(gain + o);
+      const auto av = xhg * gam, s = sigmoid(av), silu = av * s;
+      const auto da = dc.v[k] * xhu * (s + silu * (fVec(1.f) - s));  // silu'(a) = s + a·s·(1 - s)
+      const auto gu = dc.v[k] * silu;
+      at::vec::fmadd(da, xhg, fVec::loadu(acc + o)).store(acc + o);
+      s_gate = at::vec::fmadd(da, av, s_gate);
+      s_up = at::vec::fmadd(gu, xhu, s_up);
+      (da * gam).store(dxg + o);
+      gu.store(dxu + o);
+    }
+  }
+  // Pass 2: RMSNorm backward, dx = r · (dx̂ − x̂ · mean(dx̂ ⊙ x̂)) = r·dx̂ − r²·mean(dx̂ ⊙ x̂)·x, with x
+  // reloaded from the row (still in L1) instead of x̂ kept in fp32: two stores fewer per element made the
+  // backward 0.82x as long on rows arriving from memory, 0.93x on rows in cache (docs/performance.md).
+  const float mg = reduce_sum(s_gate) / static_cast<float>(n), mu = reduce_sum(s_up) / static_cast<float>(n);
+  const fVec rgv(rg), ruv(ru), cg2(rg * rg * mg), cu2(ru * ru * mu);
+  T* dgrow = a.dgate_up + i * 2 * n;
+  for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
+    const auto gc = Chunk<T>::load(grow, j, n), uc = Chunk<T>::load(grow + n, j, n);
+    Chunk<T> cg, cu;
+    for (int64_t k = 0; k < kVecs; ++k) {
+      const int64_t o = j + k * fVec::size();
+      cg.v[k] = at::vec::fnmadd(gc.v[k], cg2, rgv * fVec::loadu(dxg + o));
+      cu.v[k] = at::vec::fnmadd(uc.v[k], cu2, ruv * fVec::loadu(dxu + o));
+    }
+    cg.store(dgrow, j, n);
+    cu.store(dgrow + n, j, n);
+  }
+}
+
 template <typename T>
 void backward_rows(const at::Tensor& dh, const at::Tensor& gate_up, const float* gain, const float* rstd,
                    T* dgate_up, float* dgain) {
   const Rows r(gate_up), d(dh);
   const int64_t n = d.width, np = padded<T>(n), blocks = (r.count + kBlockRows - 1) / kBlockRows;
-  const T *base = gate_up.const_data_ptr<T>(), *dhp = dh.const_data_ptr<T>();
+  const Backward<T> a{gate_up.const_data_ptr<T>(), dh.const_data_ptr<T>(), r.stride, d.stride, n, np, gain, rstd,
+                      dgate_up};
   std::vector<float> partial(blocks * np);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(2 * np);
-    float *dxg = buf.data(), *dxu = dxg + np;
     for (int64_t b = b0; b < b1; ++b) {
       float* acc = partial.data() + b * np;
       std::fill(acc, acc + np, 0.f);
       for (int64_t i = b * kBlockRows; i < std::min(r.count, (b + 1) * kBlockRows); ++i) {
-        const T *grow = base + i * r.stride, *urow = grow + n;
-        T *dgrow = dgate_up + i * 2 * n, *durow = dgrow + n;
-        const float rg = rstd[2 * i], ru = rstd[2 * i + 1];
-        // Pass 1: the gradients at x̂ (dx̂_gate = γ ⊙ da, dx̂_up = dh ⊙ silu(a)), kept in fp32 for pass 2, the
-        // row sums Σ dx̂ ⊙ x̂ the norms' backward needs, and γ's gradient da ⊙ x̂_gate.
-        fVec s_gate(0.f), s_up(0.f);
-        for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
-          const auto gc = Chunk<T>::load(grow, j, n), uc = Chunk<T>::load(urow, j, n),
-                     dc = Chunk<T>::load(dhp + i * d.stride, j, n);
-          for (int64_t k = 0; k < Chunk<T>::kVecs; ++k) {
-            const int64_t o = j + k * fVec::size();
-            const auto xhg = gc.v[k] * fVec(rg), xhu = uc.v[k] * fVec(ru), gam = fVec::loadu(gain + o);
-            const auto a = xhg * gam, s = sigmoid(a), silu = a * s;
-            const auto da = dc.v[k] * xhu * (s + silu * (fVec(1.f) - s));  // silu'(a) = s + a·s·(1 - s)
-            const auto gu = dc.v[k] * silu;
-            at::vec::fmadd(da, xhg, fVec::loadu(acc + o)).store(acc + o);
-            s_gate = at::vec::fmadd(da, a, s_gate);
-            s_up = at::vec::fmadd(gu, xhu, s_up);
-            (da * gam).store(dxg + o);
-            gu.store(dxu + o);
-          }
-        }
-        // Pass 2: RMSNorm backward, dx = r · (dx̂ − x̂ · mean(dx̂ ⊙ x̂)) = r·dx̂ − r²·mean(dx̂ ⊙ x̂)·x, with x
-        // reloaded from the row (still in L1) instead of x̂ kept in fp32: two stores fewer per element made the
-        // backward 0.82x as long on rows arriving from memory, 0.93x on rows in cache (docs/performance.md).
-        const float mg = reduce_sum(s_gate) / static_cast<float>(n), mu = reduce_sum(s_up) / static_cast<float>(n);
-        const fVec rgv(rg), ruv(ru), cg2(rg * rg * mg), cu2(ru * ru * mu);
-        for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
-          const auto gc = Chunk<T>::load(grow, j, n), uc = Chunk<T>::load(urow, j, n);
-          Chunk<T> cg, cu;
-          for (int64_t k = 0; k < Chunk<T>::kVecs; ++k) {
-            const int64_t o = j + k * fVec::size();
-            cg.v[k] = at::vec::fnmadd(gc.v[k], cg2, rgv * fVec::loadu(dxg + o));
-            cu.v[k] = at::vec::fnmadd(uc.v[k], cu2, ruv * fVec::loadu(dxu + o));
-          }
-          cg.store(dgrow, j, n);
-          cu.store(durow, j, n);
-        }
+        backward_row(a, i, acc, buf.data());
       }
     }
   });
