@@ -152,7 +152,7 @@ struct Backward {
 // on tiny's rows (2048 x 512 bf16) arriving from memory and 1.02-1.03x in cache, 1.06-1.10x and 1.05-1.07x at
 // 1024 x 3328 (benchmarks/kernel_ab.py, cold and warm; the outputs are bitwise the same). Why is not
 // established. The row helpers it calls are forced inline: GCC declined to inline Chunk::load here, and the
-// calls spilled every vector register (1.5x as long).
+// calls spilled every vector register (1.5-1.7x as long).
 template <typename T>
 C10_NOINLINE void backward_row(const Backward<T>& a, int64_t i, float* acc, float* buf) {
   constexpr int64_t kVecs = Chunk<T>::kVecs;
