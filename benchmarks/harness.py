@@ -22,6 +22,7 @@ from scalevec.models import build_model, model_preset
 from scalevec.models.config import ModelConfig
 from scalevec.optim import build_optimizer
 from scalevec.strategy import ScaleConfig, preset
+from scalevec.train.compiling import compile_model
 
 VOCAB = 4096  # the data pipeline's default BPE vocabulary (already a multiple of 64)
 
@@ -90,9 +91,11 @@ class Step:
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "bf16",
                  compile: bool = False, strategy: str | ScaleConfig = "baseline",
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 compiler: Callable[[nn.Module], nn.Module] = compile_model):
         self.model, self.x, self.y, self.precision = model, x, y, precision
-        self.fn = torch.compile(model) if compile else model
+        # compile_model: as the trainer compiles; the plain reference passes torch.compile
+        self.fn = compiler(model) if compile else model
         self.optimizer = optimizer or build_optimizer(model, OptimConfig(), scale_config(strategy).weight_decay)
         self.aux = getattr(model, "aux_loss", lambda: None)
         self.trainable = [p for p in model.parameters() if p.requires_grad]  # as the trainer keeps it

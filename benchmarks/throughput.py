@@ -60,7 +60,9 @@ def main() -> None:
             precision, compile = PATHS[path]
             torch.manual_seed(0)
             ref = Llama(mc)
-            for key, step in ((f"reference {path}", Step(ref, x, y, precision, compile, optimizer=optimizer(ref))),
+            # The reference as plain PyTorch compiles it; scalevec as its trainer does (train/compiling.py).
+            plain = Step(ref, x, y, precision, compile, optimizer=optimizer(ref), compiler=torch.compile)
+            for key, step in ((f"reference {path}", plain),
                               (f"scalevec {path}", Step(build(shape, "baseline"), x, y, precision, compile))):
                 t0 = time.perf_counter()
                 step()

@@ -129,3 +129,51 @@ def test_bf16_autocast_loss_close_to_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = m(x, x.roll(-1, 1))
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
+
+
+def test_compile_settings_are_scoped_to_the_compiled_model(monkeypatch):
+    """The partitioner settings hold while the graph compiles and nowhere else; inductor gets its options."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.compile_fx
+
+    from scalevec.train import compiling
+
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.update({k: getattr(functorch_config, k) for k in compiling.PARTITIONER}, patches=config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", fake_compile_fx)
+    before = {k: getattr(functorch_config, k) for k in compiling.PARTITIONER}
+    assert before != compiling.PARTITIONER  # else this test could not tell
+    torch._dynamo.reset()
+    model = tiny("unified")
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(compiling.compile_model(model)(x, x.roll(-1, 1)), model(x, x.roll(-1, 1)))
+    assert seen.pop("patches") == compiling.INDUCTOR
+    assert seen == compiling.PARTITIONER
+    assert {k: getattr(functorch_config, k) for k in compiling.PARTITIONER} == before
+
+
+@pytest.mark.parametrize("strategy", ["baseline", "unified"])
+def test_compiled_model_trains_like_eager(strategy, cpu_kernel):
+    """The trainer's compile (inductor, recomputing in backward what the default partitioner saves) gives eager's
+    loss and gradients, fp32."""
+    from scalevec.train.compiling import compile_model
+
+    torch._dynamo.reset()
+    mc = model_preset("tiny")
+    mc.vocab_size, mc.d_model, mc.n_layers, mc.d_ff = 96, 32, 1, 64
+    torch.manual_seed(0)
+    eager = build_model(mc, preset(strategy))
+    torch.manual_seed(0)
+    traced = build_model(mc, preset(strategy))
+    x = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    ref = eager(x, x.roll(-1, 1))
+    ref.backward()
+    loss = compile_model(traced)(x, x.roll(-1, 1))
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for (name, p), q in zip(eager.named_parameters(), traced.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, rtol=1e-4, atol=1e-6)

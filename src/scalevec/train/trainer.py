@@ -35,6 +35,7 @@ from scalevec.train.checkpoint import (
     save_checkpoint,
     set_aside,
 )
+from scalevec.train.compiling import compile_model
 from scalevec.train.run import save_tokenizer_files
 from scalevec.typed_config import load_toml
 
@@ -379,7 +380,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
     counts = count_params(model)
     wrapped = D.wrap(model, cfg.dist.mode, info, device)
     optimizer = build_optimizer(wrapped, cfg.optim, cfg.scale.weight_decay, roles)
-    step_fn = torch.compile(wrapped) if compiled else wrapped
+    step_fn = compile_model(wrapped) if compiled else wrapped
     hooks = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     # Kept: walking the module tree every step costs 3-5 µs per parameter on CPU (docs/performance.md).
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
