@@ -3,6 +3,7 @@ a bootstrap 95% interval for it (one run's ratio moves more than its A/A row sug
 
     for i in $(seq 10); do python benchmarks/overhead.py --control --rounds 31 --json runs/overhead/tiny_$i.json; done
     python benchmarks/pool_rounds.py runs/overhead/tiny_*.json      # or a file holding a list of their rows
+    python benchmarks/pool_rounds.py benchmarks/results/overhead_tiny_compile_ab.json --where tree=after
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ def main() -> None:
     p.add_argument("files", nargs="+", help="overhead.py --json outputs (lists of rows with round_ms)")
     p.add_argument("--shape", default="tiny")
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--where", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="only rows whose KEY is VALUE (stored A/B files tag their rows, e.g. tree=after or set=2)")
     args = p.parse_args()
+    if bad := [w for w in args.where if "=" not in w]:
+        p.error(f"--where: {bad[0]!r} is not KEY=VALUE")
+    where = [w.split("=", 1) for w in args.where]
     rows = []
     for f in args.files:
         data = json.loads(Path(f).read_text())
         if not isinstance(data, list) or not all(isinstance(r, dict) and "round_ms" in r for r in data):
             raise SystemExit(f"pool_rounds.py: {f} is not an overhead.py --json output (rows with round_ms)")
-        rows += [r for r in data if r.get("shape") == args.shape]
+        rows += [r for r in data if r.get("shape") == args.shape and all(str(r.get(k)) == v for k, v in where)]
     if not rows:
-        raise SystemExit(f"pool_rounds.py: no {args.shape} rows in {' '.join(args.files)}")
+        which = args.shape + "".join(f", {w}" for w in args.where)
+        raise SystemExit(f"pool_rounds.py: no {which} rows in {' '.join(args.files)}")
     for line in pooled_lines(rows, args.shape, args.resamples):
         print(line)
 
