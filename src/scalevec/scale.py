@@ -203,8 +203,10 @@ class BranchGains(nn.Module):
 
     def gammas(self) -> dict[str, torch.Tensor]:
         """Every branch's γ, each group's forward run once."""
-        rows = {key: sv().unbind(0) for key, sv in self.named_children()}
-        return {b: rows[key][i] for b, (key, i) in self._rows.items()}
+        whole = {key: sv() for key, sv in self.named_children()}
+        # Rows by indexing (a view the compiled backward recomputes) rather than ``unbind``, whose outputs the
+        # partitioner saves: at tiny 36 more inputs of unified's compiled backward (docs/performance.md).
+        return {b: whole[key][i] for b, (key, i) in self._rows.items()}
 
     def _stack_branches(self, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
         """Load a checkpoint that stored one tensor per branch (``q.gamma``, ``q.direction``, ...): their

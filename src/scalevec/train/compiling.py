@@ -4,11 +4,11 @@ Both apply to the models compiled here only (the trainer's and the benchmarks'),
 
 - The partitioner may recompute reductions in the backward instead of saving their outputs. The scale vectors'
   small computations (OR's normalisers, a norm's inverse RMS) are reductions, and by default the backward takes
-  them as saved tensors, each one more input of its compiled graph: at tiny unified's backward took 203 inputs
-  and the baseline's 98, with this setting 166 and 86, and the bytes saved for backward are 0.03-0.2 MiB fewer
-  at every benchmark shape. (Allowing ops outside the partitioner's allowlist as well, 126 and 82, makes it
-  recompute the MoE experts' grouped matmul in the backward of the baseline, not of DNP: a trade of compute for
-  memory that differs per model.)
+  them as saved tensors, each one more input of its compiled graph: at tiny unified's backward takes 167 inputs
+  and the baseline's 98, with this setting 130 and 86, and the bytes saved for backward are 0.03-0.2 MiB fewer
+  at every benchmark shape. (Allowing ops outside the partitioner's allowlist as well makes it recompute the MoE
+  experts' grouped matmul in the backward of the baseline, not of DNP: a trade of compute for memory that
+  differs per model.)
 - inductor's generated wrapper re-checks each input's size and stride on every call (``size_asserts``). Dynamo's
   guards check every graph input before the compiled forward runs, and the backward receives the tensors the
   compiled forward saved (AOTAutograd coerces incoming gradients to the traced strides), so the per-tensor checks
