@@ -144,23 +144,34 @@ def test_decay_policies(policy, inp, out):
     assert groups[Role.MATRIX] == 0.1
 
 
-def test_unified_roles_follow_the_reader():
+def test_unified_roles_follow_absorbability():
     m = tiny("unified")
     roles = {g.slot: g.role for _, g in gains(m)}
     assert roles["attn.q.in"] == Role.INPUT_SCALE
-    assert roles["attn.q.out"] == Role.OUTPUT_SCALE  # feeds q·kᵀ
-    assert roles["attn.v.out"] == Role.INPUT_SCALE  # read by W_o
-    assert roles["mlp.gate.out"] == Role.OUTPUT_SCALE  # through silu
-    assert roles["mlp.up.out"] == Role.INPUT_SCALE  # read by W_down
+    assert roles["attn.q.out"] == Role.INPUT_SCALE  # DP: folds into W_q's rows
+    assert roles["attn.k.out"] == Role.INPUT_SCALE
+    assert roles["attn.v.out"] == Role.INPUT_SCALE
+    assert roles["mlp.gate.out"] == Role.OUTPUT_SCALE  # behind DNP's norm, then silu: nothing absorbs it
+    assert roles["mlp.up.out"] == Role.INPUT_SCALE  # behind DNP's norm, read by W_down
+
+
+def test_dnp_everywhere_makes_q_k_output_gains_output_role():
+    cfg = load_config(overrides=["scale.strategy=unified", "scale.attn.placement=dual_norm"])
+    mc = model_preset("tiny")
+    mc.vocab_size = 64
+    roles = {g.slot: g.role for _, g in gains(build_model(mc, cfg.scale))}
+    assert roles["attn.q.out"] == roles["attn.k.out"] == Role.OUTPUT_SCALE  # the shape of QK-norm
+    assert roles["attn.v.out"] == Role.INPUT_SCALE  # W_o absorbs it
 
 
 def test_role_override_by_slot():
-    cfg = load_config(overrides=["scale.strategy=unified", "scale.roles={'attn.q.out'='input'}"])
+    cfg = load_config(overrides=["scale.strategy=unified", "scale.roles={'attn.q.out'='output'}"])
     mc = model_preset("tiny")
     mc.vocab_size = 64
     m = build_model(mc, cfg.scale)
     roles = {g.slot: g.role for _, g in gains(m)}
-    assert roles["attn.q.out"] == Role.INPUT_SCALE
+    assert roles["attn.q.out"] == Role.OUTPUT_SCALE  # the default is Input (DP's γ_a folds into W_q)
+    assert roles["attn.k.out"] == Role.INPUT_SCALE
 
 
 def test_preset_plus_override_composes():
@@ -250,7 +261,19 @@ def test_every_gain_is_one_tensor_and_branches_share_one_per_role():
     # q/k/v input gains: one (3, d + 1) tensor (OR's α and m side by side); outputs split by role
     assert dict(qkv.in_scales.named_parameters()).keys() == {"q_k_v.packed"}
     assert qkv.in_scales.q_k_v.packed.shape == (3, 64 + 1)
-    assert {k for k, _ in qkv.out_scales.named_children()} == {"q", "k", "v"}  # GQA: q wider than k
+    assert {k for k, _ in qkv.out_scales.named_children()} == {"q", "k_v"}  # GQA: q wider than k and v
+
+
+def test_gains_grouped_otherwise_load_by_branch():
+    """A state dict with k's and v's γ_a apart (written when their roles differed) loads into the k_v group."""
+    m = tiny("unified")
+    sd = m.state_dict()
+    pre = "blocks.0.attn.qkv.out_scales."
+    kv = sd.pop(pre + "k_v.packed")
+    sd[pre + "k.packed"], sd[pre + "v.packed"] = kv[:1] * 2, kv[1:] * 3
+    fresh = tiny("unified")
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.state_dict()[pre + "k_v.packed"], torch.cat([kv[:1] * 2, kv[1:] * 3]))
 
 
 def test_grouped_gains_update_like_separate_tensors():

@@ -34,7 +34,7 @@ class BranchDef:
 
     name: str
     d_out: int
-    # γ_a of this branch feeds a linear map (v -> W_o, up -> W_down): then it is Input-role for IWD.
+    # The branch output feeds a linear map (v -> W_o, up -> W_down), which can absorb its γ_a.
     out_feeds_linear: bool = False
     norm_group: int = 0  # DNP normalises over groups of this size (head_dim for q/k/v); 0: whole output
 
@@ -151,6 +151,13 @@ def dnp_swiglu(gate_up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.T
     return _DNPSwiGLU.apply(gate_up, gain, eps)
 
 
+def output_gain_role(spec: SiteSpec, feeds_linear: bool) -> Role:
+    """IWD's role for a branch's γ_a, by absorbability (PAPER.md section 3): a gain that can be multiplied into
+    an adjacent matrix is Input-role. Without a norm (DP) γ_a folds into W's rows; behind DNP's norm it folds
+    only into a linear map that reads the branch, and is otherwise Output-role."""
+    return Role.INPUT_SCALE if not spec.has_norm or feeds_linear else Role.OUTPUT_SCALE
+
+
 def matrix(d_out: int, d_in: int, std: float, role: Role = Role.MATRIX) -> nn.Parameter:
     return tag(nn.Parameter(torch.randn(d_out, d_in) * std), role)
 
@@ -184,9 +191,8 @@ class Site(nn.Module):
             self.weights[b.name] = weight if weight is not None else matrix(b.d_out, d_in, std, weight_role)
         ins = [(b.name, d_in, Role.INPUT_SCALE, f"{name}.{b.name}.in") for b in branches] \
             if spec.has_input and not shared else []
-        # γ_a read by a linear map (v feeds W_o, up feeds W_down) is Input-role for IWD.
-        outs = [(b.name, b.d_out, Role.INPUT_SCALE if b.out_feeds_linear else Role.OUTPUT_SCALE,
-                 f"{name}.{b.name}.out") for b in branches] if spec.has_output else []
+        outs = [(b.name, b.d_out, output_gain_role(spec, b.out_feeds_linear), f"{name}.{b.name}.out")
+                for b in branches] if spec.has_output else []
         self.in_scales = BranchGains(ins, spec.param, scale)
         self.out_scales = BranchGains(outs, spec.param, scale)
 

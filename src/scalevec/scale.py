@@ -209,15 +209,33 @@ class BranchGains(nn.Module):
         return {b: whole[key][i] for b, (key, i) in self._rows.items()}
 
     def _stack_branches(self, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-        """Load a checkpoint that stored one tensor per branch (``q.gamma``, ``q.direction``, ...): their
-        tensors lack the group's row dimension."""
+        """Load a checkpoint whose branches were grouped otherwise: one tensor per branch (``q.gamma``,
+        ``q.direction``), or groups of other members (``k`` and ``v`` apart, before their roles agreed)."""
+        stored: dict[tuple[str, str], tuple[str, int]] = {}  # (branch, tensor name) -> (key, row in it)
+        for k in state_dict:
+            rest = k[len(prefix):].split(".") if k.startswith(prefix) else []
+            if len(rest) == 2:
+                for i, b in enumerate(rest[0].split("_")):
+                    if b in self._rows:
+                        stored[b, rest[1]] = (k, i)
+        used: set[str] = set()
+        written: set[str] = set()
         for key, sv in self.named_children():
             rank = next(sv.parameters()).dim()
             branches = [b for b, (k, _) in self._rows.items() if k == key]
-            for name in ("gamma", "direction", "magnitude"):
-                old = [f"{prefix}{b}.{name}" for b in branches]
-                if all(k in state_dict and state_dict[k].dim() == rank - 1 for k in old):
-                    state_dict[f"{prefix}{key}.{name}"] = torch.stack([state_dict.pop(k) for k in old])
+            for name in ("gamma", "packed", "direction", "magnitude"):
+                current = state_dict.get(f"{prefix}{key}.{name}")
+                if (current is not None and current.dim() == rank) or not all((b, name) in stored for b in branches):
+                    continue
+                rows = []
+                for b in branches:
+                    k, i = stored[b, name]
+                    rows.append(state_dict[k] if state_dict[k].dim() == rank - 1 else state_dict[k][i])
+                    used.add(k)
+                state_dict[f"{prefix}{key}.{name}"] = torch.stack(rows)
+                written.add(f"{prefix}{key}.{name}")
+        for k in used - written:
+            del state_dict[k]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{b}: {k}[{i}]" for b, (k, i) in self._rows.items())
@@ -234,7 +252,7 @@ def make_scale(
 
 
 def slot_role(slot: str, default: Role, cfg) -> Role:
-    """A gain's role: ``cfg.roles`` overrides it by slot name (``scale.roles={'attn.q.out'='input'}``)."""
+    """A gain's role: ``cfg.roles`` overrides it by slot name (``scale.roles={'attn.q.out'='output'}``)."""
     return Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else Role(default)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalevec import cpu_kernels
-from scalevec.layers import MLP, dnp_swiglu
+from scalevec.layers import MLP, dnp_swiglu, output_gain_role
 from scalevec.models.config import ModelConfig
 from scalevec.roles import Role, tag
 from scalevec.scale import BranchGains, make_scale
@@ -76,15 +76,15 @@ class MoE(nn.Module):
         lead = (n,) if scale.expert_gains == "per_expert" else ()
         ins = [(b, d, Role.INPUT_SCALE, f"mlp.{b}.in") for b in BRANCHES] \
             if spec.has_input and not spec.shared else []
-        # up's γ_a feeds W_down: Input-role for IWD, as in the dense MLP.
-        outs = [(b, de, Role.INPUT_SCALE if b == "up" else Role.OUTPUT_SCALE, f"mlp.{b}.out") for b in BRANCHES] \
+        outs = [(b, de, output_gain_role(spec, b == "up"), f"mlp.{b}.out") for b in BRANCHES] \
             if spec.has_output else []
         self.in_scales = BranchGains(ins, spec.param, scale, lead)
         self.out_scales = BranchGains(outs, spec.param, scale, lead)
         self.per_expert_gains = bool(lead)
         self.router_in = make_scale(d, rspec.param, Role.INPUT_SCALE, scale, "router.in") \
             if rspec.has_input and not rspec.shared else None
-        self.router_out = make_scale(m.num_experts, rspec.param, Role.OUTPUT_SCALE, scale, "router.out") \
+        # The router's γ_a folds into its rows (no norm over router logits): Input-role.
+        self.router_out = make_scale(m.num_experts, rspec.param, Role.INPUT_SCALE, scale, "router.out") \
             if rspec.has_output else None
 
         # DNP with gains shared by the experts runs the dense MLP's ``dnp_swiglu`` (per-expert γ_gate does not).
