@@ -152,7 +152,7 @@ def dnp_swiglu(gate_up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.T
 
 
 def output_gain_role(spec: SiteSpec, feeds_linear: bool) -> Role:
-    """IWD's role for a branch's γ_a, by absorbability (PAPER.md section 3): a gain that can be multiplied into
+    """IWD's role for a branch's γ_a, by absorbability (docs/paper.md): a gain that can be multiplied into
     an adjacent matrix is Input-role. Without a norm (DP) γ_a folds into W's rows; behind DNP's norm it folds
     only into a linear map that reads the branch, and is otherwise Output-role."""
     return Role.INPUT_SCALE if not spec.has_norm or feeds_linear else Role.OUTPUT_SCALE

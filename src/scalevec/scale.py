@@ -1,7 +1,7 @@
 """Scale vectors: the learnable gains of normalization layers, in three parameterisations.
 
 ``plain``: γ itself. ``or``: γ = m · √d · α/‖α‖ (magnitude in the original space). ``er``: the same with
-m = exp(b) (magnitude in exponential space). All three equal ``init`` at initialisation (PAPER.md section 3).
+m = exp(b) (magnitude in exponential space). All three equal ``init`` at initialisation (docs/paper.md).
 Options: a vector magnitude instead of a scalar, no √d factor, and an elementwise exp on the direction for ER.
 
 Every gain is stored as one parameter tensor: OR/ER keep α and m side by side in ``packed``, and a site's

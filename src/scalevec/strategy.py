@@ -63,7 +63,7 @@ class ScaleConfig:
     qk_norm: Param = "plain"  # Output-Norm gain of QK-norm (when the model has QK-norm)
     post_norm: Param = "plain"  # Output-Norm gain of post-branch norms (when the model has them)
     weight_decay: DecayPolicy = "none"  # which gains get weight decay: none, input (IWD), all, output
-    # OR / ER details (PAPER.md section 3): γ = m · √d · α/‖α‖ with scalar m by default.
+    # OR / ER details (docs/paper.md): γ = m · √d · α/‖α‖ with scalar m by default.
     magnitude: Literal["scalar", "vector"] = "scalar"
     sqrt_d: bool = True
     er_exp: Literal["magnitude", "elementwise"] = "magnitude"

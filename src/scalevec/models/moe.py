@@ -1,6 +1,6 @@
 """Mixture-of-experts feed-forward: dropless token-choice top-k routing over batched SwiGLU experts.
 
-One Input-Norm feeds the router and every expert (PAPER.md section 3). The strategy's ``mlp`` site describes
+One Input-Norm feeds the router and every expert (docs/paper.md). The strategy's ``mlp`` site describes
 the expert branches (gate, up) exactly as for the dense MLP: a gain shared by all readers rides in the norm's
 weight; HG input gains, DP output gains (and, per expert, any gain) are multiplied into the expert weights, so
 gate and up stay one grouped matmul; DNP normalises each expert's branch output before its γ_a. The

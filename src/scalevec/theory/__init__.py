@@ -1,4 +1,4 @@
-"""Numerical checks of the theoretical claims of PAPER.md §2 on small models.
+"""Numerical checks of the theoretical claims of docs/paper.md on small models.
 
 ``run_all`` runs every check, writes ``theory.json`` (the record), ``theory.md`` and the PNG plots;
 ``main`` is the command line (``scalevec theory`` / ``python -m scalevec.theory``), exit code 0 only if every
@@ -36,6 +36,7 @@ CHECKS: list[tuple[Callable[..., CheckResult], dict, dict]] = [
     (weight_decay.check_input_sharpness, {"seeds": 3, "steps": 400}, {"seeds": 1, "steps": 200}),
     (weight_decay.check_output_expressivity, {"seeds": 3, "steps": 500}, {"seeds": 1, "steps": 150}),
     (magnitude.check_or_er, {}, {}),
+    (magnitude.check_or_adamw, {"steps": 300}, {"steps": 100, "dims": (16, 64)}),
 ]
 
 

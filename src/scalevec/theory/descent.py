@@ -1,4 +1,4 @@
-"""Claim 3 of PAPER.md §2, the consequence: from the same function, the model with γ descends faster.
+"""Claim 3 of docs/paper.md, the consequence: from the same function, the model with γ descends faster.
 
 At γ = 1 the two decoders (baseline and no_scale, same weights) compute the same function and have the same
 gradient in W; gradient flow on the γ model decreases the loss at rate Σ gᵀ P g = ‖∇_W L‖² + ‖∇_γ L‖²,

@@ -1,4 +1,4 @@
-"""Claim 2 of PAPER.md §2: Pre-Norm γ adds no expressivity (it folds), Output-Norm γ does (it cannot fold).
+"""Claim 2 of docs/paper.md: Pre-Norm γ adds no expressivity (it folds), Output-Norm γ does (it cannot fold).
 
 Folding is checked on the library's real presets with the library's ``fold``. For the Output-Norm side the
 library's attention with QK-norm is trained on *self-retrieval* (each query must attend to its own key).

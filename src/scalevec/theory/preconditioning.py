@@ -1,4 +1,5 @@
-"""Claim 3 of PAPER.md §2 (Thm 2.2): gradient flow on (γ, W) is preconditioned gradient flow on W̃ = W diag(γ).
+"""Claim 3 of docs/paper.md (Thm 2.2): gradient flow on (γ, W) is preconditioned gradient flow on
+W̃ = W diag(γ).
 
 The network is one library ``Site`` (an RMSNorm and three branches q, k, v) with a fixed nonlinear readout,
 in float64, with one γ shared by the branches (baseline) or one per branch (HG). Writing g_fj for column j of

@@ -1,4 +1,4 @@
-"""Claim 4 of PAPER.md §2: weight decay helps on Input-Norm γ (sharpness) and hurts on Output-Norm γ.
+"""Claim 4 of docs/paper.md: weight decay helps on Input-Norm γ (sharpness) and hurts on Output-Norm γ.
 
 Input side: a Pre-Norm decoder trained with AdamW and the library's role-based groups, decaying the Input-Norm
 gains (IWD, policy ``input``) or not (policy ``none``; matrices decay in both); then the top Hessian eigenvalue
