@@ -1,7 +1,7 @@
 """The micro-benchmarks behind the hot-path choices in ``scalevec/layers.py`` (compiled fwd+bwd, CPU, one process,
 interleaved rounds; times are medians, ratios medians of per-round ratios).
 
-    python benchmarks/kernels.py                 # tiny and 0.12B shapes
+    python benchmarks/decisions/kernels.py                 # tiny and 0.12B shapes
 
 1. attention: ``F.scaled_dot_product_attention`` (causal, CPU flash kernel) on bf16 vs fp32 q/k/v laid out as the
    model lays them out (a (B, T, 3, H, hd) projection, transposed) -> why attention runs in fp32 on CPU.

@@ -1,8 +1,8 @@
 """Why MoE pads every expert's group of rows on CPU (``scalevec.models.moe.CPU_GROUP_ROWS``): training steps with
 the groups padded to a multiple of 1, 4, 8, ... rows, interleaved in one process (compiled, bf16 autocast).
 
-    python benchmarks/moe_group_rows.py                                    # moe-tiny
-    python benchmarks/moe_group_rows.py --shapes moe-tiny moe-small moe-0.12b-d2 --rows 1 8 16 32
+    python benchmarks/decisions/moe_group_rows.py                                    # moe-tiny
+    python benchmarks/decisions/moe_group_rows.py --shapes moe-tiny moe-small moe-0.12b-d2 --rows 1 8 16 32
 
 On CPU ``F.grouped_mm`` runs one oneDNN matmul per expert, and oneDNN builds a kernel for every shape it has not
 seen (``ONEDNN_VERBOSE=2`` prints ``create:cache_miss``). While the model trains, the router moves and every
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import _path  # noqa: F401 - the core harness lives one folder up
 import torch
 import torch._dynamo
 from harness import SHAPES, Step, batch, build, interleaved, median, ratio

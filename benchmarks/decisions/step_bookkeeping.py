@@ -2,7 +2,7 @@
 norm, the finiteness check, clipping, the optimizer step and ``zero_grad``, timed inside real compiled steps
 (interleaved rounds, medians, µs; one process).
 
-    python benchmarks/step_bookkeeping.py                      # tiny: baseline, unified, dnp
+    python benchmarks/decisions/step_bookkeeping.py                      # tiny: baseline, unified, dnp
 
 ``walk`` is ``[p for p in model.parameters() if p.grad is not None]`` (what the trainer did every step before it
 kept the list); ``list`` the same filter over the kept list, what it does now.
@@ -16,6 +16,7 @@ import json
 import statistics
 import time
 
+import _path  # noqa: F401 - the core harness lives one folder up
 import torch
 import torch._dynamo
 from harness import SHAPES, Step, batch, interleaved_calls, warm_steps

@@ -1,7 +1,7 @@
 """Two versions of the DNP CPU kernel (``src/scalevec/csrc/dnp_swiglu.cpp``) against each other, in one process.
 
-    python benchmarks/kernel_ab.py                       # HEAD's kernel (base) vs the working tree's (candidate)
-    python benchmarks/kernel_ab.py --base 117a869 --rows 1024 --width 3328
+    python benchmarks/decisions/kernel_ab.py                       # HEAD's kernel (base) vs the working tree's (candidate)
+    python benchmarks/decisions/kernel_ab.py --base 117a869 --rows 1024 --width 3328
 
 Both sources are built as separate operator libraries and loaded side by side; forward and backward calls of the
 two alternate (the order reversed every other round), and each ratio is the median of per-round candidate/base

@@ -4,7 +4,7 @@ middle + W_down, compiled fwd+bwd, bf16 inputs, one process, interleaved rounds;
 SwiGLU). This is the path a DNP model takes where the ``scalevec::dnp_swiglu`` CPU kernel is not built (the
 kernel sums γ_gate's gradient in fp32 per row block itself).
 
-    python benchmarks/dnp_gain_reduction.py            # tiny (d_ff 512) and small (d_ff 1024) shapes
+    python benchmarks/decisions/dnp_gain_reduction.py            # tiny (d_ff 512) and small (d_ff 1024) shapes
 
   fp32-sum   the plain column sum in fp32 (scalevec before; inductor keeps the fp32 product for it)
   bf16-sum   the column sum of t rounded to bf16 (halves what is materialised)

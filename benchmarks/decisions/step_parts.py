@@ -1,8 +1,8 @@
 """Where a strategy's extra step time goes: forward, backward, gradient clipping and the optimizer step, timed
 separately for the baseline and each candidate (interleaved rounds, medians; one process).
 
-    python benchmarks/step_parts.py                                   # tiny: baseline, unified and its parts
-    python benchmarks/step_parts.py --shape small --strategies baseline unified dnp
+    python benchmarks/decisions/step_parts.py                                   # tiny: baseline, unified and its parts
+    python benchmarks/decisions/step_parts.py --shape small --strategies baseline unified dnp
 
 The parts are those of ``harness.Step`` (the trainer's step) with a clock read between them; on CPU every op
 is synchronous, so the split is exact up to timer resolution.
@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 
+import _path  # noqa: F401 - the core harness lives one folder up
 import torch
 import torch._dynamo
 from harness import SHAPES, Step, batch, interleaved_calls, warm_steps

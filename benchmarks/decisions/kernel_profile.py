@@ -1,8 +1,8 @@
 """Which kernels a strategy adds to a compiled training step: torch.profiler self time per kernel, candidate
 minus baseline, one process.
 
-    python benchmarks/kernel_profile.py                                  # tiny: unified and dnp vs baseline
-    python benchmarks/kernel_profile.py --shape small --strategies baseline unified
+    python benchmarks/decisions/kernel_profile.py                                  # tiny: unified and dnp vs baseline
+    python benchmarks/decisions/kernel_profile.py --shape small --strategies baseline unified
 
 Inductor names a fused kernel after the ops inside it and prefixes a per-graph counter; the counter and the
 trailing index are stripped so the same kernel lines up across models. Profiling adds overhead of its own, so
@@ -16,6 +16,7 @@ import json
 import re
 from collections import defaultdict
 
+import _path  # noqa: F401 - the core harness lives one folder up
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config

@@ -1,8 +1,8 @@
 """Is ``torch.compile`` worth it for a run of N steps? Compile time (cold and warm cache) against the per-step
 saving, for the trainer's bf16 path.
 
-    python benchmarks/compile_warmup.py                       # tiny, baseline and unified, the demo's 400 steps
-    python benchmarks/compile_warmup.py --shapes tiny small --steps 400
+    python benchmarks/decisions/compile_warmup.py                       # tiny, baseline and unified, the demo's 400 steps
+    python benchmarks/decisions/compile_warmup.py --shapes tiny small --steps 400
 
 For each strategy, a fresh process with an empty inductor cache measures the first training step (compile)
 and the first evaluation forward (the trainer's ``evaluate`` runs the compiled model under ``no_grad``, a second
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import _path  # noqa: F401 - the core harness lives one folder up
 import torch
 from harness import SHAPES, Step, batch, build, interleaved, median, ratio
 
@@ -42,7 +43,8 @@ def first_steps(shape_name: str, strategy: str) -> dict[str, float]:
 
 def in_subprocess(shape: str, strategy: str, cache: str, threads: int) -> dict[str, float]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    code = (f"import sys, json, torch; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json, torch; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
             f"torch.set_num_threads({threads}) if {threads} else None; "
             f"from compile_warmup import first_steps; print(json.dumps(first_steps({shape!r}, {strategy!r})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
