@@ -188,14 +188,65 @@ def test_import_then_export_is_the_identity(tmp_path):
 
 
 @pytest.mark.parametrize(("strategy", "style", "message"), [
-    ("unified", "llama", r"blocks\.\*\.ffn\.gate_up \(scale\.mlp\.placement=dual_norm.*LlamaForCausalLM"),
+    ("unified", "llama", r"as LlamaForCausalLM: blocks\.\*\.ffn\.gate_up \(scale\.mlp\.placement=dual_norm.*"
+                         r"--arch custom .*trust_remote_code=True, or train with scale\.mlp\.placement=dual for"),
     ("dnp", "gemma", r"blocks\.\*\.ffn\.gate_up .*Gemma3ForCausalLM"),
 ])
-def test_export_refuses_dnp_naming_the_sites(tmp_path, strategy, style, message):
+def test_native_export_refuses_dnp_naming_the_options(tmp_path, strategy, style, message):
     model = scalevec_model(style, strategy, steps=0)
     with pytest.raises(ConfigError, match=message):
-        export_hf(model, tmp_path / "out")
+        export_hf(model, tmp_path / "out", arch="native")
     assert not (tmp_path / "out").exists()
+
+
+def greedy(model, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """Greedy continuation by recomputing the whole sequence: the reference for ``generate``."""
+    with torch.no_grad():
+        for _ in range(n):
+            prompt = torch.cat([prompt, model(prompt)[:, -1].argmax(-1, keepdim=True)], 1)
+    return prompt
+
+
+@pytest.mark.parametrize(("style", "strategy", "overrides", "tie", "arch"), [
+    ("llama", "unified", [], True, "auto"),  # the paper's strategy: DNP on gate/up, with HG + DP + OR
+    ("gemma", "dnp", ["scale.attn.placement=dual_norm"], False, "auto"),  # DNP per head on q/k/v, QK/post norms
+    ("qwen3", "unified", ["scale.attn.placement=norm_output", "scale.final.placement=dual"], True, "auto"),
+    ("llama", "dp", [], False, "custom"),  # a foldable strategy, asked for as custom code
+])
+def test_custom_code_export_loads_with_trust_remote_code(tmp_path, style, strategy, overrides, tie, arch):
+    model = scalevec_model(style, strategy, *overrides, tie=tie)
+    notes = export_hf(model, tmp_path / "out", arch=arch)
+    assert ("writing the custom-code ScalevecForCausalLM" in notes[0]) == (arch == "auto")
+    assert notes[-1].endswith("trust_remote_code=True)")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "scalevec" and config["architectures"] == ["ScalevecForCausalLM"]
+    for module in config["auto_map"].values():  # the custom code is in the folder, and needs no scalevec
+        code = (tmp_path / "out" / f"{module.split('.')[0]}.py").read_text()
+        assert "import scalevec" not in code and "from scalevec" not in code
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    dnp_mlp = model.scale.mlp.has_norm
+    assert ("model.layers.1.mlp.up_proj_norm.weight" in weights) == dnp_mlp
+    assert ("model.layers.0.self_attn.q_proj_norm.weight" in weights) == model.scale.attn.has_norm
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert type(hf).__name__ == "ScalevecForCausalLM"
+    x = tokens(40)
+    with torch.no_grad():
+        assert max_diff(hf_logits(hf, x), model(x)) < 1e-4
+        ids = hf.generate(x[:, :6], max_new_tokens=10, do_sample=False)
+        assert torch.equal(ids, greedy(model, x[:, :6], 10))
+        # Left padding: the padded row continues as it does alone, and the other row is unaffected.
+        padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), x[:, :6]], 1)
+        mask = torch.ones_like(padded)
+        padded[1, :3], mask[0, :3] = x[1, :3], 0
+        both = hf.generate(padded, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(both[0, 3:], ids[0]) and torch.equal(both[1], greedy(model, padded[1:], 10)[0])
+
+
+def test_import_refuses_a_custom_code_export(tmp_path):
+    export_hf(scalevec_model("llama", "unified", steps=0), tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"scalevec's custom-code export \(ScalevecForCausalLM\)"):
+        import_hf(tmp_path / "out")
 
 
 def test_export_refuses_moe(tmp_path):

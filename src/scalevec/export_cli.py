@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from scalevec.typed_config import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names: torch loads only when a command runs
+ARCHS = ("auto", "native", "custom")  # scalevec.hf.ARCHS, named here so that --help does not load torch
 
 
 def run_tokenizer(run):
@@ -31,9 +33,8 @@ def cmd_export(args) -> int:
         tok = run_tokenizer(run)
     except ConfigError:
         tok = None  # the weights are still worth exporting; the note says no tokenizer was written
-    for line in export_hf(run.model, args.out, tok, getattr(torch, args.dtype)):
+    for line in export_hf(run.model, args.out, tok, getattr(torch, args.dtype), args.arch):
         print(line)
-    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
     return 0
 
 
@@ -58,7 +59,7 @@ def cmd_import(args) -> int:
         print(f"  measured: {diff}")
     else:
         print(f"  function preserved: {diff}")
-    print(f"continue training with: scalevec train --resume {args.out} train.steps=N")
+    print(f"continue training with: scalevec train --resume {shlex.quote(str(args.out))} train.steps=N")
     return 0
 
 
@@ -87,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--format", choices=["hf"], default="hf")
     ex.add_argument("--out", required=True, help="output folder (must not hold a model yet)")
     ex.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    ex.add_argument("--arch", choices=ARCHS, default="auto",
+                    help="native: the class transformers ships for the model style (LlamaForCausalLM, "
+                         "Qwen3ForCausalLM, Gemma3ForCausalLM), refused where a DNP norm has no place in it; "
+                         "custom: ScalevecForCausalLM, custom code written into the folder "
+                         "(trust_remote_code=True); auto: native where exact, else custom")
     ex.set_defaults(fn=cmd_export)
 
     im = sub.add_parser("import", help="a local LlamaForCausalLM / Qwen3ForCausalLM directory as a new run")
