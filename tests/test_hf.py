@@ -188,8 +188,8 @@ def test_import_then_export_is_the_identity(tmp_path):
 
 
 @pytest.mark.parametrize(("strategy", "style", "message"), [
-    ("unified", "llama", r"as LlamaForCausalLM: blocks\.\*\.ffn\.gate_up \(scale\.mlp\.placement=dual_norm.*"
-                         r"--arch custom .*trust_remote_code=True, or train with scale\.mlp\.placement=dual for"),
+    ("unified", "llama", (r"as LlamaForCausalLM: blocks\.\*\.ffn\.gate_up \(scale\.mlp\.placement=dual_norm.*"
+                          r"--arch custom .*trust_remote_code=True, or train with scale\.mlp\.placement=dual for")),
     ("dnp", "gemma", r"blocks\.\*\.ffn\.gate_up .*Gemma3ForCausalLM"),
 ])
 def test_native_export_refuses_dnp_naming_the_options(tmp_path, strategy, style, message):
@@ -315,12 +315,9 @@ def test_generation_stops_at_eos():
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_import_train_export_sample(tmp_path, monkeypatch, capsys):
-    """The documented workflow end to end: import a GQA, tied Llama with its tokenizer under a retrofitted
-    strategy, train a few steps, export, and load the export in transformers."""
-    from scalevec.cli import main
+def hf_dir_with_tokenizer(tmp_path: Path, monkeypatch):
+    """A tiny GQA, tied Llama saved with a BPE trained on a corpus beside it: (model, tokenizer)."""
     from scalevec.data import train_bpe
-    from scalevec.train import load_run
 
     monkeypatch.setenv("SCALEVEC_CACHE", str(tmp_path / "cache"))
     text = "".join(f"Line {i}: the gain of layer {i % 7} grows with its weights.\n" for i in range(400))
@@ -332,6 +329,16 @@ def test_cli_import_train_export_sample(tmp_path, monkeypatch, capsys):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
     hf.save_pretrained(tmp_path / "hf")
     tok.tokenizer.save(str(tmp_path / "hf" / "tokenizer.json"))
+    return hf, tok
+
+
+def test_cli_import_train_export_sample(tmp_path, monkeypatch, capsys):
+    """The documented workflow end to end: import a GQA, tied Llama with its tokenizer under a retrofitted
+    strategy, train a few steps, export, and load the export in transformers."""
+    from scalevec.cli import main
+    from scalevec.train import load_run
+
+    hf, tok = hf_dir_with_tokenizer(tmp_path, monkeypatch)
     run, out = tmp_path / "run", tmp_path / "export"
 
     assert main(["import", str(tmp_path / "hf"), "--strategy", "unified", "scale.mlp.placement=dual",
@@ -357,3 +364,34 @@ def test_cli_import_train_export_sample(tmp_path, monkeypatch, capsys):
     assert main(["sample", str(run), "--prompt", "the scale", "--max-new-tokens", "5", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("the scale")
     assert main(["export", str(run), "--out", str(out)]) == 2  # never overwrites
+
+
+def test_cli_exports_unified_as_custom_code(tmp_path, monkeypatch, capsys):
+    """The README tour's export of a DNP run: custom code by default, a one-line refusal naming both ways out
+    with --arch native, and printed commands whose paths survive pasting into a shell."""
+    from scalevec.cli import main
+    from scalevec.export_cli import ARCHS
+    from scalevec.hf import ARCHS as HF_ARCHS
+    from scalevec.train import load_run
+
+    assert ARCHS == HF_ARCHS
+    _, tok = hf_dir_with_tokenizer(tmp_path, monkeypatch)
+    run, out = tmp_path / "unified run", tmp_path / "export"
+    assert main(["import", str(tmp_path / "hf"), "--strategy", "unified", f"data.source={tmp_path / 'corpus.txt'}",
+                 "--allow-function-change", "--out", str(run)]) == 0
+    assert f"scalevec train --resume '{run}' train.steps=N" in capsys.readouterr().out
+
+    assert main(["export", str(run), "--arch", "native", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--arch custom" in err and "scale.mlp.placement=dual for a plain one" in err
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "writing the custom-code ScalevecForCausalLM" in printed[0]
+    assert printed[-1] == f"load it with: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    x = torch.randint(0, tok.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert max_diff(hf_logits(exported, x), load_run(run).model(x)) < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = exported.generate(**hf_tok("the gain", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert hf_tok.decode(ids[0]).startswith("<|endoftext|>the gain")
