@@ -243,10 +243,25 @@ def test_custom_code_export_loads_with_trust_remote_code(tmp_path, style, strate
         assert torch.equal(both[0, 3:], ids[0]) and torch.equal(both[1], greedy(model, padded[1:], 10)[0])
 
 
-def test_import_refuses_a_custom_code_export(tmp_path):
-    export_hf(scalevec_model("llama", "unified", steps=0), tmp_path / "out")
-    with pytest.raises(ConfigError, match=r"scalevec's custom-code export \(ScalevecForCausalLM\)"):
-        import_hf(tmp_path / "out")
+@pytest.mark.parametrize(("style", "strategy", "overrides"), [
+    ("llama", "unified", []),
+    ("gemma", "dnp", ["scale.attn.placement=dual_norm"]),
+])
+def test_custom_code_export_imports_back_exactly(tmp_path, style, strategy, overrides):
+    model = scalevec_model(style, strategy, *overrides, tie=True)
+    export_hf(model, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"blocks\.\*\.ffn\.gate_up \(scale\.mlp\.placement=input drops the "
+                                          r"checkpoint's norm between W and γ_a; scale\.mlp\.placement=dual_norm"):
+        import_hf(tmp_path / "out")  # baseline has no place for DNP's norm
+    imp = import_hf(tmp_path / "out", strategy, overrides)
+    assert imp.architecture == "ScalevecForCausalLM" and imp.model.cfg.style == style and not imp.changed
+    assert imp.check["max_abs_logit_diff"] < 1e-4
+    x = tokens(40)
+    with torch.no_grad():
+        assert max_diff(imp.model(x), model(x)) < 1e-4
+    export_hf(imp.model, tmp_path / "again")  # and back out: the same tensors, up to OR's round-off
+    a, b = load_file(tmp_path / "out" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(max_diff(a[k], b[k]) < 1e-5 for k in a)
 
 
 def test_export_refuses_moe(tmp_path):
@@ -392,6 +407,6 @@ def test_cli_exports_unified_as_custom_code(tmp_path, monkeypatch, capsys):
     x = torch.randint(0, tok.vocab_size, (2, 32))
     with torch.no_grad():
         assert max_diff(hf_logits(exported, x), load_run(run).model(x)) < 1e-4
-    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)  # it reads config.json
     ids = exported.generate(**hf_tok("the gain", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert hf_tok.decode(ids[0]).startswith("<|endoftext|>the gain")

@@ -1,4 +1,5 @@
-"""Import: a dense ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` directory as a run, with a strategy retrofitted.
+"""Import: a dense ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` directory (or scalevec's own custom-code
+``ScalevecForCausalLM`` export) as a run, with a strategy retrofitted.
 
 The import preserves the function wherever the strategy is a pure reparameterisation of the checkpoint:
 
@@ -8,6 +9,8 @@ The import preserves the function wherever the strategy is a pure reparameterisa
 - DNP (``dual_norm`` / ``norm_output``) puts a norm between W and γ_a, which changes the function. Such an
   import is refused unless asked for (``allow_function_change``); it then starts from γ_b = γ, γ_a = 1,
   and the change is measured against the checkpoint on random tokens.
+- a custom-code export's DNP norms import exactly into a strategy that has them there (γ_a the checkpoint's);
+  a strategy without them drops them, which is refused in the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from scalevec.config import Config, from_table
-from scalevec.hf.layout import CUSTOM, IMPORTABLE, LAYOUTS, group_names, output_norms, plain, sites
+from scalevec.hf.layout import (
+    CUSTOM,
+    IMPORTABLE,
+    LAYOUTS,
+    Layout,
+    group_names,
+    output_norms,
+    plain,
+    proj_norm_key,
+    sites,
+)
 from scalevec.hf.tokenizer import hf_dir_tokenizer
 from scalevec.layers import Site
 from scalevec.models import Decoder, ModelConfig, build_model
@@ -47,16 +60,34 @@ def _rope_theta(c: dict) -> float:
     return float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
 
 
-def model_config_from_hf(c: dict) -> ModelConfig:
-    """The scalevec ``ModelConfig`` of an HF Llama / Qwen3 ``config.json``; anything else is refused."""
-    style = IMPORTABLE.get(c.get("model_type", ""))
+CUSTOM_STYLES = {(False, False): "llama", (True, False): "qwen3", (True, True): "gemma"}  # (qk_norm, post_norm)
+
+
+def _style(c: dict) -> str | None:
     if c.get("model_type") == CUSTOM.model_type:
-        raise ConfigError(f"config.json: this is scalevec's custom-code export ({CUSTOM.architecture}), which "
-                          "import does not read; resume the run it was exported from instead")
+        return CUSTOM_STYLES.get((bool(c.get("qk_norm")), bool(c.get("post_norm"))))
+    return IMPORTABLE.get(c.get("model_type", ""))
+
+
+def layout_of(c: dict) -> Layout:
+    """How the checkpoint of ``config.json`` names its weights."""
+    return CUSTOM if c.get("model_type") == CUSTOM.model_type else LAYOUTS[_style(c)]
+
+
+def checkpoint_norms(c: dict) -> frozenset[str]:
+    """The site kinds (``attn``, ``mlp``) whose projections the checkpoint normalises: DNP, which only
+    scalevec's custom-code export has."""
+    return frozenset(kind for kind in ("attn", "mlp") if c.get(f"{kind}_proj_norm"))
+
+
+def model_config_from_hf(c: dict) -> ModelConfig:
+    """The scalevec ``ModelConfig`` of an HF Llama / Qwen3 (or scalevec custom-code) ``config.json``; anything
+    else is refused."""
+    style = _style(c)
     if style is None:
         names = ", ".join(LAYOUTS[s].architecture for s in IMPORTABLE.values())
         raise ConfigError(f"config.json: model_type {c.get('model_type')!r} is not supported; "
-                          f"import reads {names}")
+                          f"import reads {names} and scalevec's {CUSTOM.architecture}")
     act = c.get("hidden_act", "silu")
     unsupported = [
         (c.get("attention_bias", False), "attention_bias=true (scalevec's projections have no bias)"),
@@ -102,8 +133,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_prenorm(site: Site, gain: torch.Tensor, weights: dict[str, torch.Tensor]) -> bool:
-    """Set ``site`` to compute ``W_b (γ ⊙ x̂)``; False if its strategy puts a norm in the way (DNP).
+def load_prenorm(site: Site, gain: torch.Tensor, weights: dict[str, torch.Tensor],
+                 kept: dict[str, torch.Tensor] | None = None) -> bool:
+    """Set ``site`` to compute ``W_b (γ ⊙ x̂)``, or ``γ_a ⊙ Norm(W_b (γ ⊙ x̂))`` given each branch's ``kept``
+    γ_a; False if its strategy has a norm where the checkpoint has none, or none where it has one.
 
     With a norm in the way the site becomes ``1 ⊙ Norm(W_b (γ ⊙ x̂))``: the closest start, not the function.
     """
@@ -114,29 +147,34 @@ def load_prenorm(site: Site, gain: torch.Tensor, weights: dict[str, torch.Tensor
             site.in_scales[b].set_value(gain)  # HG: every branch starts from the shared γ
         elif site.in_scale is None:
             w = w * gain  # no input gain in this strategy: γ folds into W
-        if b in site.out_scales:
-            site.out_scales[b].set_value(w.new_ones(w.shape[0]))  # DP / DNP: γ_a = 1
+        if b in site.out_scales:  # DP / DNP: the checkpoint's γ_a, else 1
+            site.out_scales[b].set_value(kept[b] if kept is not None else w.new_ones(w.shape[0]))
         if site.weights[b].shape != w.shape:
             raise ConfigError(f"{site.name}.{b}: checkpoint shape {tuple(w.shape)}, expected "
                               f"{tuple(site.weights[b].shape)}")
         site.weights[b].copy_(w)
-    return not site.spec.has_norm
+    return site.spec.has_norm == (kept is not None)
 
 
 DROPPED_GAIN = "scale.qk_norm=none drops a gain the checkpoint uses"
 
 
 @torch.no_grad()
-def load_hf_state_dict(model: Decoder, sd: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Copy HF Llama / Qwen3 weights into ``model``, retrofitting its strategy; returns {site: why} for the
-    sites whose function the strategy changes (empty: the model computes exactly what the checkpoint does)."""
-    layout = LAYOUTS[model.cfg.style]
+def load_hf_state_dict(model: Decoder, sd: dict[str, torch.Tensor], layout: Layout | None = None,
+                       norms: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Copy HF weights named as ``layout`` says (default: the native class of the model's style) into
+    ``model``, retrofitting its strategy; ``norms``: the site kinds the checkpoint normalises after W (DNP).
+    Returns {site: why} for the sites whose function the strategy changes (empty: the model computes exactly
+    what the checkpoint does)."""
+    layout = layout or LAYOUTS[model.cfg.style]
     sd = {k: v.float() for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
     if "lm_head.weight" not in sd:  # tied in the checkpoint (HF omits the alias)
         sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
     expected = {key for _, key in plain(model)} | {key for *_, key in output_norms(model, layout)}
-    for _, _, norm_key, branch_keys in sites(model, layout):
+    for _, site, norm_key, branch_keys in sites(model, layout):
         expected |= {norm_key, *branch_keys.values()}
+        if site.name in norms:
+            expected |= {proj_norm_key(k) for k in branch_keys.values()}
     if expected != set(sd):
         missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
         raise ConfigError(f"checkpoint does not match its config.json: missing {missing[:3]}, "
@@ -147,11 +185,14 @@ def load_hf_state_dict(model: Decoder, sd: dict[str, torch.Tensor]) -> dict[str,
         w.copy_(sd[key])
     changed = {}
     for name, site, norm_key, branch_keys in sites(model, layout):
+        kept = {b: sd[proj_norm_key(k)] for b, k in branch_keys.items()} if site.name in norms else None
         try:
-            if not load_prenorm(site, layout.gain(sd[norm_key]), {b: sd[k] for b, k in branch_keys.items()}):
+            if not load_prenorm(site, layout.gain(sd[norm_key]), {b: sd[k] for b, k in branch_keys.items()}, kept):
                 key = f"scale.{site.name}.placement"
                 changed[name] = (f"{key}={site.spec.placement} puts a norm between W and γ_a; "
-                                 f"{key}=dual keeps the site pure")
+                                 f"{key}=dual keeps the site pure") if kept is None else \
+                    (f"{key}={site.spec.placement} drops the checkpoint's norm between W and γ_a; "
+                     f"{key}=dual_norm keeps it")
         except ValueError as e:  # a parameterisation that cannot hold γ (e.g. elementwise ER and γ <= 0)
             raise ConfigError(f"{name}: the strategy cannot hold the checkpoint's γ ({e})") from None
     for name, norm, key in output_norms(model, layout):
@@ -198,13 +239,17 @@ def import_hf(hf_dir: str | Path, strategy: str = "baseline", overrides: list[st
     sd = read_hf_weights(hf_dir)
     tokens = torch.randint(0, mc.vocab_size, (2, min(probe_len, mc.max_seq_len)),
                            generator=torch.Generator().manual_seed(seed))
-    reference = build_model(mc, preset("baseline"))  # exactly HF's Pre-Norm block: the checkpoint's function
-    load_hf_state_dict(reference, sd)
+    layout, norms = layout_of(c), checkpoint_norms(c)
+    plain_form = preset("baseline")  # exactly the checkpoint's block: Pre-Norm, and DNP's norm where it has one
+    for kind in norms:
+        getattr(plain_form, kind).placement = "norm_output"
+    reference = build_model(mc, plain_form)
+    load_hf_state_dict(reference, sd, layout, norms)
     with torch.no_grad():
         ref_logits = reference.eval()(tokens)
     del reference
     model = build_model(mc, cfg.scale)
-    changed = load_hf_state_dict(model, sd)
+    changed = load_hf_state_dict(model, sd, layout, norms)
     del sd
     if changed and not allow_function_change:
         raise ConfigError(f"strategy {cfg.scale.strategy!r} is not a pure reparameterisation of this "
@@ -212,7 +257,7 @@ def import_hf(hf_dir: str | Path, strategy: str = "baseline", overrides: list[st
                           "it anyway")
     with torch.no_grad():
         check = compare_logits(ref_logits, model.eval()(tokens), tokens)
-    architecture = (c.get("architectures") or [LAYOUTS[mc.style].architecture])[0]
+    architecture = (c.get("architectures") or [layout.architecture])[0]
     return Imported(cfg, model, architecture, changed, notes, check)
 
 
