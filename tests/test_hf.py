@@ -233,6 +233,7 @@ def test_custom_code_export_loads_with_trust_remote_code(tmp_path, style, strate
     x = tokens(40)
     with torch.no_grad():
         assert max_diff(hf_logits(hf, x), model(x)) < 1e-4
+        assert abs(hf(x, labels=x).loss.item() - model(x[:, :-1], x[:, 1:]).item()) < 1e-5
         ids = hf.generate(x[:, :6], max_new_tokens=10, do_sample=False)
         assert torch.equal(ids, greedy(model, x[:, :6], 10))
         # Left padding: the padded row continues as it does alone, and the other row is unaffected.
