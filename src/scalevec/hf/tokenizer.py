@@ -48,7 +48,8 @@ def export_tokenizer(tokenizer: Tokenizer | None, out: Path, max_len: int) -> st
         return "no tokenizer written: the run has none"
     eot = tok.id_to_token(tokenizer.eot_id)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eot, "model_max_length": max_len,
-              "clean_up_tokenization_spaces": False}
+              "clean_up_tokenization_spaces": False,
+              "model_input_names": ["input_ids", "attention_mask"]}  # no token_type_ids: generate(**enc) works
     if tok.post_processor is None:  # an encoded text starts with end-of-text, as every training document did
         tok.post_processor = processors.TemplateProcessing(
             single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, tokenizer.eot_id)])
