@@ -58,6 +58,11 @@ def export_blockers(model: Decoder) -> list[str]:
     return out
 
 
+def _refuse_moe(model: Decoder) -> None:
+    if model.cfg.moe.num_experts:
+        raise ConfigError(f"cannot export strategy {model.scale.strategy!r}: {export_blockers(model)[0]}")
+
+
 def _refusal(model: Decoder, blockers: list[str]) -> str:
     """One line: why the native class cannot hold ``model``, and the two ways out."""
     plain_fix = " and ".join(f"scale.{kind}.placement=dual" for kind in _norm_kinds(model))
@@ -107,6 +112,7 @@ def _exports_tied(model: Decoder, layout: Layout) -> bool:
 def hf_state_dict(model: Decoder, layout: Layout | None = None) -> dict[str, torch.Tensor]:
     """The weights of ``model`` under the names of ``layout`` (default: its style's native class); raises
     ConfigError if that class cannot hold it exactly."""
+    _refuse_moe(model)
     layout = layout or LAYOUTS[model.cfg.style]
     if layout is not CUSTOM and (blockers := export_blockers(model)):
         raise ConfigError(_refusal(model, blockers))
@@ -202,8 +208,7 @@ def export_hf(model: Decoder, out: str | Path, tokenizer: Tokenizer | None = Non
     if arch not in ARCHS:
         raise ConfigError(f"--arch: {arch!r} is not one of {', '.join(ARCHS)}")
     out, native = Path(out), LAYOUTS[model.cfg.style]
-    if model.cfg.moe.num_experts:
-        raise ConfigError(f"cannot export strategy {model.scale.strategy!r}: {export_blockers(model)[0]}")
+    _refuse_moe(model)
     if (out / "config.json").exists():
         raise ConfigError(f"--out: {out} already holds a model (config.json); choose another folder")
     blockers = export_blockers(model)
@@ -221,8 +226,8 @@ def export_hf(model: Decoder, out: str | Path, tokenizer: Tokenizer | None = Non
     save_file({k: v.to("cpu", dtype).contiguous() for k, v in sd.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     if layout is CUSTOM:
-        for name in AUTO_MAP.values():
-            shutil.copyfile(REMOTE / f"{name.split('.')[0]}.py", out / f"{name.split('.')[0]}.py")
+        for module in {f"{name.split('.')[0]}.py" for name in AUTO_MAP.values()}:
+            shutil.copyfile(REMOTE / module, out / module)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     n = sum(v.numel() for v in sd.values())
     what = f"{n:,} parameters, {str(dtype).removeprefix('torch.')}" + (", tied embeddings" if tied else "")
