@@ -37,13 +37,17 @@ class ScalevecRMSNorm(nn.Module):
         return x.flatten(-2) * self.weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate the (first half, second half) pairs of each head of x (B, H, T, hd) by positions (B, T)."""
-    hd = x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angle = (positions[:, None, :, None].float() * inv).to(x.dtype)
-    cos, sin = angle.cos(), angle.sin()
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, head_dim / 2) of RoPE's angles at ``positions`` (B, T), in fp32."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angle = positions[:, None, :, None].float() * inv
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the (first half, second half) pairs of each head of x (B, H, T, hd)."""
     x1, x2 = x.chunk(2, -1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
 
 
@@ -51,8 +55,7 @@ class ScalevecAttention(nn.Module):
     def __init__(self, config: ScalevecConfig):
         super().__init__()
         d, hd, eps = config.hidden_size, config.head_dim, config.rms_norm_eps
-        self.h, self.kv, self.hd, self.theta = config.num_attention_heads, config.num_key_value_heads, hd, \
-            config.rope_theta
+        self.h, self.kv, self.hd = config.num_attention_heads, config.num_key_value_heads, hd
         self.q_proj = nn.Linear(d, self.h * hd, bias=False)
         self.k_proj = nn.Linear(d, self.kv * hd, bias=False)
         self.v_proj = nn.Linear(d, self.kv * hd, bias=False)
@@ -70,7 +73,7 @@ class ScalevecAttention(nn.Module):
         norm = getattr(self, f"{name}_proj_norm", None)
         return y if norm is None else norm(y)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None):
         B, T, _ = x.shape
         q = self.project("q", x).view(B, T, self.h, self.hd)
         k = self.project("k", x).view(B, T, self.kv, self.hd)
@@ -78,7 +81,7 @@ class ScalevecAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv != self.h:
             k = k.repeat_interleave(self.h // self.kv, 1)
             v = v.repeat_interleave(self.h // self.kv, 1)
@@ -118,8 +121,8 @@ class ScalevecDecoderLayer(nn.Module):
             self.post_attention_layernorm = ScalevecRMSNorm(d, eps)
             self.post_feedforward_layernorm = ScalevecRMSNorm(d, eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), positions, mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None):
+        a = self.self_attn(self.input_layernorm(x), rope, mask)
         x = x + (self.post_attention_layernorm(a) if hasattr(self, "post_attention_layernorm") else a)
         f = self.mlp(self.pre_feedforward_layernorm(x))
         return x + (self.post_feedforward_layernorm(f) if hasattr(self, "post_feedforward_layernorm") else f)
@@ -158,9 +161,10 @@ class ScalevecModel(ScalevecPreTrainedModel):
                 position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = rope_tables(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, position_ids, mask)
+            x = layer(x, rope, mask)
         return self.norm(x)
 
 
