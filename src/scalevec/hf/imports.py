@@ -84,6 +84,8 @@ def model_config_from_hf(c: dict) -> ModelConfig:
     """The scalevec ``ModelConfig`` of an HF Llama / Qwen3 (or scalevec custom-code) ``config.json``; anything
     else is refused."""
     style = _style(c)
+    if style is None and c.get("model_type") == CUSTOM.model_type:
+        raise ConfigError("config.json: post_norm=true with qk_norm=false matches no scalevec model style")
     if style is None:
         names = ", ".join(LAYOUTS[s].architecture for s in IMPORTABLE.values())
         raise ConfigError(f"config.json: model_type {c.get('model_type')!r} is not supported; "
