@@ -128,6 +128,7 @@ def test_qwen3_qk_gain_cannot_be_dropped(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"head_dim": 32}, "head_dim=32"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"model_type": "scalevec", "post_norm": True}, "post_norm=true with qk_norm=false"),
 ])
 def test_import_refuses_what_scalevec_cannot_compute(change, message):
     c = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
