@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from scalevec import cpu_kernels
 from scalevec.config import OptimConfig
 from scalevec.models import build_model, model_preset
 from scalevec.models.config import ModelConfig
@@ -69,7 +70,9 @@ def scale_config(strategy: str | ScaleConfig) -> ScaleConfig:
 
 def build(shape: Shape, strategy: str | ScaleConfig, seed: int = 0, device: str = "cpu") -> nn.Module:
     torch.manual_seed(seed)
-    return build_model(shape.model_config(), scale_config(strategy)).to(device)
+    model = build_model(shape.model_config(), scale_config(strategy)).to(device)
+    cpu_kernels.enable(model)  # as the trainer does: DNP's kernel on CPU, nothing on a GPU
+    return model
 
 
 def batch(shape: Shape, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
-
 from scalevec.models.config import ModelConfig
 from scalevec.strategy import ScaleConfig
 from scalevec.typed_config import ConfigError, load_toml, merge_tables, overrides_to_table, to_table, update
@@ -136,6 +134,8 @@ class Config:
         return self
 
     def to_toml(self) -> str:
+        import tomli_w  # only writing needs it: reading configs (and a GPU image without it) does not
+
         return tomli_w.dumps(to_table(self))
 
     def table(self) -> dict[str, Any]:

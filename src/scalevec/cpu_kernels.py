@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels (``csrc/``), built on first use by torch's C++ extension loader.
+"""Hand-written CPU kernels (``csrc/``), built by torch's C++ extension loader when :func:`enable` first meets a
+model on CPU that runs one; model constructors never build them (on a GPU they would only cost time).
 
 One so far: ``scalevec::dnp_swiglu``, the SwiGLU of DNP branches, ``silu(γ ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)``.
 Its two branch norms make it a row-wise op, and the code ``torch.compile`` generates for it reads each row once
@@ -62,6 +63,18 @@ def load() -> bool:
     _register()
     _ready = True
     return True
+
+
+def enable(model: torch.nn.Module) -> bool:
+    """Builds and loads the kernels if ``model`` sits on CPU and runs one of them (a DNP SwiGLU); True when they
+    are in use. Called from outside the model, where its device is known (the trainer, the benchmarks, loading
+    a run), so a model on a GPU never builds them."""
+    from scalevec.layers import MLP
+    from scalevec.models.moe import MoE
+
+    on_cpu = any(p.device.type == "cpu" for p in model.parameters())
+    uses = any(isinstance(m, MLP) and m.dnp or isinstance(m, MoE) and m.dnp_shared for m in model.modules())
+    return on_cpu and uses and load()
 
 
 def dnp_swiglu_applies(gate_up: torch.Tensor) -> bool:

@@ -144,8 +144,8 @@ def _rms(x: torch.Tensor, eps: float, with_rstd: bool = False):
 def dnp_swiglu(gate_up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
     """SwiGLU of DNP branches, ``silu(gain ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)`` with ``[gate | up] = gate_up`` along
     the last dimension (one projection's output): norms over the branch width, fp32 inside, ``gate_up``'s dtype
-    out. On CPU the ``scalevec::dnp_swiglu`` kernel once ``cpu_kernels.load()`` has built it (a DNP model does
-    when constructed), else the PyTorch formulation."""
+    out. On CPU the ``scalevec::dnp_swiglu`` kernel once ``cpu_kernels.enable(model)`` has built it (the trainer
+    and the benchmarks do for a model on CPU), else the PyTorch formulation."""
     if cpu_kernels.dnp_swiglu_applies(gate_up):
         return torch.ops.scalevec.dnp_swiglu(gate_up, gain, eps)[0]
     return _DNPSwiGLU.apply(gate_up, gain, eps)
@@ -309,15 +309,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)
             causal = T > 1  # a single new token attends to the whole cache
-        if self.kv != self.h:
-            k = k.repeat_interleave(self.h // self.kv, 1)
-            v = v.repeat_interleave(self.h // self.kv, 1)
         mask = None
         if causal and k.shape[2] != T:  # prefill into a non-empty cache: explicit causal offset mask
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
             causal = False
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            # GQA: SDPA broadcasts each K/V head over its query heads (no copies of K and V)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.kv != self.h)
         return F.linear(y.transpose(1, 2).reshape(B, T, self.h * self.hd), self.wo)
 
 
@@ -337,8 +336,6 @@ class MLP(nn.Module):
         )
         self.w_down = matrix(cfg.d_model, d_ff, cfg.init_std / math.sqrt(2 * cfg.n_layers))
         self.dnp = self.gate_up.spec.has_norm and "gate" in self.gate_up.out_scales  # "up" has its γ_a too
-        if self.dnp:
-            cpu_kernels.load()  # the DNP kernel, built here rather than inside a traced forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         site = self.gate_up

@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec import cpu_kernels
 from scalevec.layers import MLP, dnp_swiglu, output_gain_role
 from scalevec.models.config import ModelConfig
 from scalevec.roles import Role, tag
@@ -89,8 +88,6 @@ class MoE(nn.Module):
 
         # DNP with gains shared by the experts runs the dense MLP's ``dnp_swiglu`` (per-expert γ_gate does not).
         self.dnp_shared = self.has_norm and "gate" in self.out_scales and not lead
-        if self.dnp_shared:
-            cpu_kernels.load()
 
         std = cfg.init_std
         self.router = tag(nn.Parameter(torch.randn(m.num_experts, d) * std), Role.ROUTER)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from scalevec import cpu_kernels
 from scalevec.config import Config, ConfigError, from_table
 from scalevec.models import Decoder, build_model
 from scalevec.train.checkpoint import load_latest, save_checkpoint
@@ -51,7 +52,9 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
         from scalevec.data import load_tokenizer
 
         tok = load_tokenizer(run_dir / TOKENIZER_DIR)
-    return Run(run_dir, cfg, model.to(device).eval(), loaded.state["step"], tok)
+    model = model.to(device).eval()
+    cpu_kernels.enable(model)
+    return Run(run_dir, cfg, model, loaded.state["step"], tok)
 
 
 def save_tokenizer_files(src: Path | None, run_dir: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Self
 import torch
 from torch import nn
 
+from scalevec import cpu_kernels
 from scalevec.config import Config, ConfigError, from_table
 from scalevec.fileio import atomic_write_text
 from scalevec.info import count_params
@@ -314,6 +315,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     if t.threads:
         torch.set_num_threads(t.threads)
     device = pick_device(t.device)
+    if device.type == "cuda":  # fp32 matmuls (fp32 runs, autocast's fp32 ops) on TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     info = D.init(device)
     run_dir = Path(cfg.run.out)
     try:
@@ -376,6 +379,7 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, cfg.scale).to(device)
+    cpu_kernels.enable(model)  # on CPU, DNP's kernel: built here rather than inside a traced forward
     roles = param_roles(model)
     counts = count_params(model)
     wrapped = D.wrap(model, cfg.dist.mode, info, device)
