@@ -20,7 +20,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
+# What the GPU machine (no network) cannot make: the prepared corpus and tomli_w (pure Python, not on its image),
+# under .cache/gpu for `run(..., carry=[".cache/gpu"])` (docs/performance.md, "GPU").
+gpu-prep: $(STAMP)
+	$(BIN)/scalevec prepare data.dir=$(CURDIR)/.cache/gpu/data
+	$(BIN)/pip install -q --no-deps --upgrade --target .cache/gpu/site tomli-w
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint gpu-prep
