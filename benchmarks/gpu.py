@@ -34,7 +34,10 @@ def problems() -> str | None:
         import torch.nn.functional as F
     except ImportError as e:
         return f"cannot import torch ({first_line(e)}); set PY to the Python of the GPU image"
-    from gpu_common import DATA, DEVICE, OUT
+    try:
+        from gpu_common import DATA, DEVICE, OUT
+    except Exception as e:  # noqa: BLE001 - any import failure, whatever its kind, is the one line
+        return f"cannot import gpu_common ({first_line(e)})"
 
     if torch.__version__ < TORCH_FLOOR:
         return f"torch {torch.__version__} is older than {TORCH_FLOOR}"

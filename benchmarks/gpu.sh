@@ -25,7 +25,7 @@ if [ -z "${PY:-}" ]; then
     [ -x .venv/bin/python ] && PY=.venv/bin/python
 fi
 # Seconds per phase: a and b fit one 8-minute call, c, d and e the other.
-declare -A LIMIT=([a]=150 [b]=300 [c]=210 [d]=90 [e]=150)
+declare -A LIMIT=([a]=140 [b]=290 [c]=200 [d]=90 [e]=150)
 phases=("$@")
 [ ${#phases[@]} -gt 0 ] || phases=(a b c d e)
 for p in "${phases[@]}"; do

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import Shape
 
 from scalevec.config import DataConfig
 from scalevec.fileio import atomic_write_json
@@ -34,6 +35,11 @@ DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12}
 def pick(real, smoke):
     """The GPU's value, or the smoke test's."""
     return smoke if SMOKE else real
+
+
+def shape(preset: str, batch: int, seq: int) -> Shape:
+    """A benchmark shape at ``preset``; the smoke test's keeps two layers of it."""
+    return Shape(preset, preset, batch, seq, layers=pick(0, 2))
 
 
 def device_name() -> str:

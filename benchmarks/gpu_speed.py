@@ -1,6 +1,7 @@
 """Phases b, c and d of the GPU check: baseline against unified at one preset, as the trainer steps it.
 
-- peak memory of a training step, one model resident at a time (each is freed before the next is built);
+- peak memory of a training step, one model resident at a time (each is freed before the next is built, and
+  anything it leaves behind is subtracted);
 - step time in interleaved rounds (``harness.interleaved``) with an A/A row: the baseline measured in a second
   slot of every round, whose ratio to the first is the noise floor of the unified/baseline ratio;
 - tokens/s, and MFU against the measured bf16 matmul peak and the datasheet's, FLOPs counted per matmul on the
@@ -16,7 +17,7 @@ import time
 
 import torch
 import torch._dynamo
-from gpu_common import DEVICE, STRATEGIES, Result, datasheet_peak, pick, release, sync
+from gpu_common import DEVICE, STRATEGIES, Result, datasheet_peak, pick, release, shape, sync
 from harness import (
     Shape,
     Step,
@@ -33,15 +34,15 @@ from harness import (
 GOAL = {"time_ratio": 1.02, "memory_ratio": 1.01}  # issue 24; the paper reports 1.04x and 1.01x at 1B
 
 
-def make_step(shape: Shape, strategy: str, compile: bool) -> tuple[Step, float]:
+def make_step(sh: Shape, strategy: str, compile: bool) -> tuple[Step, float]:
     """A warmed step and the seconds its first call took (the compile, when compiled)."""
-    x, y = (t.to(DEVICE) for t in batch(shape))
-    step = Step(build(shape, strategy, device=DEVICE), x, y, "bf16", compile, strategy)
+    x, y = (t.to(DEVICE) for t in batch(sh))
+    step = Step(build(sh, strategy, device=DEVICE), x, y, "bf16", compile, strategy)
     t0 = time.perf_counter()
     step()
     sync()
     first = time.perf_counter() - t0
-    for _ in range(2):
+    for _ in range(pick(2, 0)):
         step()
     sync()
     return step, first
@@ -77,10 +78,10 @@ def top_kernels(step: Step, n: int = 12, steps: int = pick(3, 1)) -> list[dict]:
 
 
 def compare(phase: str, preset: str, batch_size: int, seq: int, compile: bool, rounds: int, steps: int) -> int:
-    shape = Shape(preset, preset, batch_size, seq)
-    mc = shape.model_config()
+    sh = shape(preset, batch_size, seq)
+    mc = sh.model_config()
     flops = flops_per_token(mc, seq)
-    res = Result(phase, preset=preset, shape={"batch": batch_size, "seq": seq, "vocab": shape.vocab,
+    res = Result(phase, preset=preset, shape={"batch": batch_size, "seq": seq, "vocab": sh.vocab,
                                               "layers": mc.n_layers, "d_model": mc.d_model},
                  precision="bf16 autocast", compiled=compile, flops_per_token=flops, goal=GOAL)
     print(f"phase {phase}: {preset} on {res['device']}, batch {batch_size} x {seq}, "
@@ -89,24 +90,28 @@ def compare(phase: str, preset: str, batch_size: int, seq: int, compile: bool, r
     peak = matmul_peak(torch.bfloat16, n=pick(8192, 256), reps=pick(20, 3), device=DEVICE)
     res.update(measured_bf16_peak_flops=peak, datasheet_bf16_peak_flops=datasheet_peak(res["device"]))
 
-    memory, first_call = {}, {}
-    for s in STRATEGIES:  # one model resident at a time
-        step, first_call[s] = make_step(shape, s, compile)
-        memory[s] = peak_memory(step)
-        del step
-        release()
-        memory[s]["left_after_free_bytes"] = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    memory, first_call, cands = {}, {}, {}
+    for s in STRATEGIES:  # one model resident at a time; the last one stays for the timing
+        if cands:
+            cands.clear()
+            release()
+        left = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0  # anything the freed model left behind
+        cands[s], first_call[s] = make_step(sh, s, compile)
+        memory[s] = {**peak_memory(cands[s]), "left_before_build_bytes": left}
+        memory[s]["own_peak_bytes"] = memory[s]["peak_bytes"] - left
         res.update(memory=memory, first_call_s=first_call)
         res.save()
-    res["memory_ratio"] = memory["unified"]["peak_bytes"] / memory["baseline"]["peak_bytes"]
-    print(f"  peak memory unified/baseline {res['memory_ratio']:.4f}; first call {first_call} s", flush=True)
+    res["memory_ratio"] = memory["unified"]["own_peak_bytes"] / memory["baseline"]["own_peak_bytes"]
+    print(f"  peak memory unified/baseline {res['memory_ratio']:.4f}; first call (compile) "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in first_call.items()), flush=True)
 
-    built = {s: make_step(shape, s, compile) for s in STRATEGIES}
-    res["first_call_warm_cache_s"] = {s: f for s, (_, f) in built.items()}
-    cands = {s: st for s, (st, _) in built.items()}
+    warm = [s for s in STRATEGIES if s not in cands]  # built again, with inductor's caches warm
+    for s in warm:
+        cands[s], f = make_step(sh, s, compile)
+        res.setdefault("first_call_warm_cache_s", {})[s] = f
     times = interleaved({"baseline": cands["baseline"], "unified": cands["unified"],
-                         "baseline (A/A)": cands["baseline"]}, rounds, steps, sync=sync)
-    tok_s = {k: shape.tokens / median(v) for k, v in times.items()}
+                         "baseline (A/A)": cands["baseline"]}, rounds, steps, warmup=pick(2, 0), sync=sync)
+    tok_s = {k: sh.tokens / median(v) for k, v in times.items()}
     sheet = res["datasheet_bf16_peak_flops"]
     res.update(rounds=rounds, steps_per_round=steps, step_s=times, tok_per_s=tok_s,
                time_ratio=ratio(times, "unified", "baseline"), aa_ratio=ratio(times, "baseline (A/A)", "baseline"),

@@ -64,7 +64,8 @@ def main() -> int:
                     f"train.batch_size={BATCH}", f"train.seq_len={SEQ}", f"train.seed={seed}", f"data.seed={seed}",
                     f"train.eval_every={every}", f"train.log_every={every}", "train.ckpt_every=0",
                     "train.compile=false", "train.progress=false", "train.scale_stats=false",
-                    f"train.device={DEVICE}", f"run.out={out}", *data_overrides()])
+                    f"train.device={DEVICE}", f"run.out={out}", *pick([], ["model.n_layers=2"]),
+                    *data_overrides()])
                 summary = train(cfg)
                 rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                 res["runs"][s][seed] = {
