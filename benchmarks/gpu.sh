@@ -20,12 +20,14 @@ export SCALEVEC_GPU_DATA="${SCALEVEC_GPU_DATA:-$PWD/.cache/gpu/data}"
 export PYTHONPATH="$PWD/src:$PWD/benchmarks:$PWD/.cache/gpu/site${PYTHONPATH:+:$PYTHONPATH}"
 export SCALEVEC_CPU_KERNELS=0  # CPU-only kernels: their build is not worth the GPU's clock
 export PYTHONUNBUFFERED=1
+# The Python: $PY, else the project's venv, else the image's python3 (or python).
 if [ -z "${PY:-}" ]; then
-    PY=python3
-    [ -x .venv/bin/python ] && PY=.venv/bin/python
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python
+    elif command -v python3 > /dev/null; then PY=python3
+    else PY=python; fi
 fi
 # Seconds per phase: a and b fit one 8-minute call, c, d and e the other.
-declare -A LIMIT=([a]=140 [b]=290 [c]=200 [d]=90 [e]=150)
+declare -A LIMIT=([a]=140 [b]=290 [c]=190 [d]=90 [e]=160)
 phases=("$@")
 [ ${#phases[@]} -gt 0 ] || phases=(a b c d e)
 for p in "${phases[@]}"; do
