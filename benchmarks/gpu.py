@@ -84,7 +84,10 @@ def problems() -> str | None:
 
 def preflight() -> int:
     t0 = time.perf_counter()
-    problem = problems()
+    try:
+        problem = problems()
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, the preflight's answer is one line
+        problem = f"{type(e).__name__}: {first_line(e)}"
     if problem:
         print(f"gpu preflight: {problem}", flush=True)
         return 2

@@ -34,7 +34,12 @@ for p in "${phases[@]}"; do
     [ -n "${LIMIT[$p]:-}" ] || { echo "gpu.sh: unknown phase '$p' (phases: a b c d e)"; exit 2; }
 done
 mkdir -p "$OUT"
-timeout 30 "$PY" benchmarks/gpu.py preflight || exit 2
+timeout 30 "$PY" benchmarks/gpu.py preflight
+rc=$?
+if [ $rc -ne 0 ]; then
+    [ $rc -eq 124 ] && echo "gpu preflight: took over 30 s (a slow import or device start); nothing run"
+    exit 2
+fi
 status=0
 for p in "${phases[@]}"; do
     timeout --kill-after=10 "${LIMIT[$p]}" "$PY" benchmarks/gpu.py "$p" > >(tee "$OUT/gpu_$p.log") 2>&1
