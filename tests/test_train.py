@@ -189,15 +189,15 @@ def test_gamma_statistics_and_tensorboard(tmp_path):
     run = tmp_path / "run"
     train(cfg_for(run, "scale.strategy=unified", "train.steps=10", "train.tensorboard=true"))
     evals = [r for r in metrics(run) if "val_loss" in r]
-    assert evals and all("gamma/blocks.0.attn.qkv.in_scales.q/mean" in r for r in evals)
+    assert evals and all("gamma/blocks.0.attn.q.in/mean" in r for r in evals)
     last = evals[-1]
     # OR gains report their magnitude; training has moved the gains away from their init of 1.
-    assert "gamma/blocks.0.ffn.gate_up.out_scales.gate/magnitude" in last
-    assert last["gamma/blocks.0.attn.qkv.in_scales.q/std"] > 0
+    assert "gamma/blocks.0.mlp.gate.out/magnitude" in last
+    assert last["gamma/blocks.0.attn.q.in/std"] > 0
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"val_loss", "train_loss", "gamma/blocks.0.attn.qkv.in_scales.q/mean"} <= tags
+    assert {"val_loss", "train_loss", "gamma/blocks.0.attn.q.in/mean"} <= tags
     assert [e.step for e in acc.Scalars("val_loss")] == [r["step"] for r in evals]
     assert acc.Scalars("val_loss")[-1].value == pytest.approx(last["val_loss"], rel=1e-6)
 

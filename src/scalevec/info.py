@@ -7,7 +7,7 @@ from collections import Counter
 from torch import nn
 
 from scalevec.roles import SCALE_ROLES, Role, param_roles
-from scalevec.scale import BranchGain, gains
+from scalevec.scale import BranchGain, gain_modules
 
 EMBEDDING_ROLES = (Role.EMBEDDING, Role.HEAD)
 
@@ -31,12 +31,14 @@ def count_params(model: nn.Module) -> dict:
 
 
 def scale_sites(model: nn.Module) -> list[dict]:
-    """Every scale vector, one per branch: where it sits, its role, parameterisation and size."""
+    """Every scale vector, one per branch: its name (as in ``metrics.jsonl`` and the plots), the module that
+    holds it, its slot (the ``scale.roles`` key), role, parameterisation and size."""
     out = []
-    for name, g in gains(model):
+    for name, module, g in gain_modules(model):
         if isinstance(g, BranchGain):  # a row of a grouped tensor: its share of the parameters
             numel = sum(p[g.row].numel() for p in g.vector.parameters())
         else:
             numel = sum(p.numel() for p in g.parameters())
-        out.append({"module": name, "slot": g.slot, "role": g.role.value, "param": g.param, "numel": numel})
+        out.append({"name": name, "module": module, "slot": g.slot, "role": g.role.value, "param": g.param,
+                    "numel": numel})
     return out

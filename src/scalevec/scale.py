@@ -256,22 +256,38 @@ def slot_role(slot: str, default: Role, cfg) -> Role:
     return Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else Role(default)
 
 
-def gains(model: nn.Module) -> Iterator[tuple[str, ScaleVector | BranchGain]]:
-    """(name, gain) for every γ of ``model``, one per branch: ``<site>.in_scales.q``, ``<site>.in_scale``, ..."""
+def gain_name(module: str, slot: str) -> str:
+    """The one name of a gain everywhere (``info``, ``metrics.jsonl``, plots): its slot, which is also its
+    ``scale.roles`` key, prefixed by its block (``blocks.3.attn.q.in``, ``blocks.0.mlp.gate.out``,
+    ``final.in``)."""
+    parts = module.split(".")
+    return f"blocks.{parts[1]}.{slot}" if len(parts) > 1 and parts[0] == "blocks" else slot
+
+
+def gain_modules(model: nn.Module) -> Iterator[tuple[str, str, ScaleVector | BranchGain]]:
+    """(name, module path, gain) for every γ of ``model``, one per branch; the path is where the parameter
+    lives (``blocks.0.attn.qkv.in_scales.q`` is row ``q`` of the ``in_scales`` group)."""
     inside: list[str] = []
-    for name, m in model.named_modules():
+    for path, m in model.named_modules():
         if isinstance(m, BranchGains):
-            inside.append(name + ".")
-            yield from ((f"{name}.{b}", g) for b, g in m.items())
-        elif isinstance(m, ScaleVector) and not any(name.startswith(p) for p in inside):
-            yield name, m
+            inside.append(path + ".")
+            for b, g in m.items():
+                yield gain_name(path, g.slot), f"{path}.{b}", g
+        elif isinstance(m, ScaleVector) and not any(path.startswith(p) for p in inside):
+            yield gain_name(path, m.slot), path, m
+
+
+def gains(model: nn.Module) -> Iterator[tuple[str, ScaleVector | BranchGain]]:
+    """(name, gain) for every γ of ``model``, one per branch, named by ``gain_name``."""
+    for name, _, g in gain_modules(model):
+        yield name, g
 
 
 @torch.no_grad()
 def scale_statistics(model: nn.Module) -> dict[str, float]:
     """Mean, std, min and max of every γ in ``model`` (and the mean magnitude for OR/ER), keyed
-    ``gamma/<gain>/<stat>`` with one key per branch: the per-site, per-layer dynamics the paper uses to
-    motivate HG."""
+    ``gamma/<name>/<stat>`` by ``gain_name`` (``gamma/blocks.0.attn.q.in/mean``): the per-site, per-layer
+    dynamics the paper uses to motivate HG."""
     out: dict[str, float] = {}
     for name, g in gains(model):
         v = g().detach().float()
