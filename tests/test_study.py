@@ -1,4 +1,5 @@
-"""Studies: paired grids, resumable runner, paired statistics, scaling fits, report, a real micro-study."""
+"""Studies: the grids' regime, the null arm, statistics, tuning, the report's fields, and the whole pipeline on
+the smoke budget."""
 
 from __future__ import annotations
 
@@ -8,340 +9,130 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from scalevec.cli import main as cli_main
-from scalevec.study.grids import STUDIES, best_lrs, knobs_for
+from scalevec.study import stats
+from scalevec.study.budgets import BUDGETS, knobs_for
+from scalevec.study.estimate import TimeModel, calibrate
+from scalevec.study.grids import NULL, STUDIES, kv
 from scalevec.study.report import write_index, write_report
 from scalevec.study.runner import Runner
-from scalevec.study.scaling import fit_power_law, fitted_multiplier, interpolated_multipliers
 from scalevec.study.spec import RunSpec
-from scalevec.study.stats import paired, verdict
+from scalevec.study.tuning import fit_optimum, loss_at, token_multiplier
 from scalevec.typed_config import ConfigError
 
+TRAIN_SPLIT = 4_553_215  # byte-level Shakespeare's train split (tokens), from its prepared meta.json
 
-def specs_of(name: str, lookup=lambda sp: None, **knobs) -> list[RunSpec]:
-    k = knobs_for(name, "cpu")
+
+def specs_of(name: str, budget: str = "cpu", lookup=lambda sp: None, **knobs) -> list[RunSpec]:
+    k = knobs_for(name, budget)
     for key, v in knobs.items():
         setattr(k, key, v)
     out = []
-    for _, stage in STUDIES[name].stages:
+    for _, stage in STUDIES[name].stages[:1]:
         out += stage(k, lookup)
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ grids
+# ------------------------------------------------------------------------------------------- grids, regime
 
 
-def test_every_arm_shares_init_and_data_seed_with_its_baseline():
-    specs = specs_of("improvements", seeds=3)
-    by_seed: dict[int, set[tuple[str, str]]] = {}
+@pytest.mark.parametrize("name", ["necessity", "improvements", "weight-decay", "unified"])
+def test_cpu_regime_tokens_epochs_schedule_and_grids(name):
+    specs = specs_of(name)
+    floor = 20 if name == "unified" else 30
     for sp in specs:
-        ov = dict(kv.split("=", 1) for kv in sp.config_overrides())
-        assert ov["train.seed"] == ov["data.seed"] == str(sp.seed)
-        by_seed.setdefault(sp.seed, set()).add(sp.arm)
-    assert set(by_seed) == {0, 1, 2}
-    assert all(arms == {"baseline", "hg", "dp", "dnp", "or", "er"} for arms in by_seed.values())
-    assert len({sp.key for sp in specs}) == len(specs)  # every run has its own folder
+        ov = sp.overrides
+        tokens = int(ov["train.steps"]) * int(ov["train.batch_size"]) * int(ov["train.seq_len"])
+        n = sp.coords.get("n_params") or _params(ov)
+        assert tokens / n >= floor and tokens <= 4 * TRAIN_SPLIT, sp.key
+        assert float(ov["schedule.min_lr_ratio"]) <= 0.01 and float(ov["schedule.warmup"]) == pytest.approx(0.05)
+        assert int(ov["train.steps"]) % int(ov["train.ckpt_every"]) == 0  # scored checkpoints end at the last step
+    for g in {sp.group for sp in specs}:
+        for arm in {sp.arm for sp in specs if sp.group == g} - {NULL}:
+            points = {sp.coords["x"] for sp in specs if sp.group == g and sp.arm == arm}
+            seeds = {(sp.coords["x"], sp.seed) for sp in specs if sp.group == g and sp.arm == arm}
+            assert len(points) >= 3 and len(seeds) == len(points) * knobs_for(name, "cpu").seeds  # all seeds
 
 
-def test_identical_runs_share_a_key_across_studies_and_stages():
-    # necessity's LR sweep at the shared LR is the same run as its same-LR arm at seed 0 ...
-    def lookup(sp):  # best LR = 3e-3
-        return 2.0 + abs(math.log(sp.coords.get("lr", 3e-3) / 3e-3))
+def _params(ov):
+    from scalevec.study.grids import non_embedding_params
 
-    nec = specs_of("necessity", lookup, steps=300)
-    sweep = {sp.key for sp in nec if sp.stage == "sweep"}
-    same = {sp.key for sp in nec if sp.group.startswith("same LR") and sp.seed == 0}
-    assert same <= sweep
-    # ... and the improvements baseline at the same steps is necessity's baseline
-    imp = {sp.key for sp in specs_of("improvements", steps=300) if sp.arm == "baseline"}
-    assert imp & {sp.key for sp in nec if sp.arm == "baseline"}
-    # the re-tuned stage uses the sweep's best LR (3e-3 here for both)
-    retuned = [sp for sp in nec if sp.group == "re-tuned LR"]
-    assert {sp.overrides["optim.lr"] for sp in retuned} == {repr(3e-3)}
+    return non_embedding_params({k: v for k, v in ov.items() if k.startswith(("model.", "scale."))})
 
 
-def test_weight_decay_and_unified_grids():
-    wd = specs_of("weight-decay", seeds=2)
-    assert {sp.overrides["scale.weight_decay"] for sp in wd} == {"none", "all", "input", "output"}
-    assert all(sp.overrides["model.style"] == "gemma" and sp.baseline == "decay=none" for sp in wd)
-    un = specs_of("unified", seeds=1)
-    sizes = {sp.coords["size"] for sp in un if sp.coords["setup"] == "dense/adamw/cosine"}
-    assert len(sizes) >= 3
-    assert {sp.coords["setup"].split("/")[0] for sp in un} == {"dense", "moe"}
-    n = {sp.coords["size"]: sp.coords["n_params"] for sp in un if sp.coords["setup"] == "dense/adamw/cosine"}
-    assert n["xs"] < n["s"] < n["m"]
-    steps = {
-        sp.coords["size"]: int(sp.overrides["train.steps"])
-        for sp in un
-        if sp.coords["setup"] == "dense/adamw/cosine"
-    }
-    assert steps["xs"] < steps["s"] < steps["m"]  # fixed tokens per parameter
+def test_null_arm_differs_from_its_baseline_only_in_the_init_seed():
+    specs = specs_of("improvements", seeds=3)
+    for null in (sp for sp in specs if sp.arm == NULL):
+        base = next(sp for sp in specs if sp.arm == "baseline" and sp.seed == null.seed
+                    and sp.coords["x"] == null.coords["x"])
+        a, b = kv(null.config_overrides()), kv(base.config_overrides())
+        assert a["data.seed"] == b["data.seed"] and a["train.seed"] != b["train.seed"]
+        assert {k: v for k, v in a.items() if k != "train.seed"} == {k: v for k, v in b.items() if k != "train.seed"}
+    arms = {sp.arm for sp in specs if sp.seed == 0}
+    assert arms == {"baseline", "hg", "dp", "dnp", "or", "er", NULL}
 
 
-def test_best_lr_counts_diverged_runs_as_infinite():
-    specs = specs_of("lr-sweep", strategies=["baseline"])
-    loss = {3e-3: 2.0, 6e-3: 1.9, 1.2e-2: math.inf, 1.5e-3: 2.1}
-    best = best_lrs(specs, lambda sp: loss[sp.coords["lr"]])
-    assert best["baseline"]["lr"] == 6e-3 and not best["baseline"]["at_grid_edge"]
+def test_weight_decay_fixes_eta_lambda_t_and_muon_tunes_the_gain_lr():
+    k = knobs_for("weight-decay", "cpu")
+    for sp in specs_of("weight-decay"):
+        ov = sp.overrides
+        horizon = float(ov["optim.lr"]) * float(ov["optim.weight_decay"]) * int(ov["train.steps"])
+        assert horizon == pytest.approx(k.decay_horizon) and 2 <= horizon <= 4
+        assert ov["model.style"] == "gemma"
+    muon = [sp for sp in specs_of("unified") if sp.overrides["optim.name"] == "muon"]
+    assert muon and len({sp.overrides["optim.lr_mult"] for sp in muon if sp.arm == "unified"}) >= 3
+    assert len({sp.overrides["optim.lr"] for sp in muon if sp.arm == "unified"}) == 1
+
+
+def test_unified_ladder_spans_4x_and_budgets_stage_uses_the_fitted_optimum():
+    k = knobs_for("unified", "cpu")
+    grid = specs_of("unified")
+    first = [sp for sp in grid if sp.coords["setup"] == k.setups[0]]
+    ns = sorted({sp.coords["n_params"] for sp in first})
+    assert len(ns) >= 3 and ns[-1] / ns[0] >= 4
+
+    def lookup(sp):  # every arm's optimum at 2x its grid centre
+        return 2.0 + (math.log(sp.coords["x"] / (2 * k.lr))) ** 2
+
+    budgets = STUDIES["unified"].stages[1][1](k, lookup)
+    assert {sp.coords["ratio"] for sp in budgets if sp.coords["strategy"] == "baseline"} == set(k.token_ratios)
+    assert all(float(sp.overrides["optim.lr"]) == pytest.approx(2 * k.lr, rel=1e-6) for sp in budgets)
+    steps = {sp.coords["ratio"]: int(sp.overrides["train.steps"]) for sp in budgets if sp.coords["size"] == "33k"}
+    assert steps[1.5] == pytest.approx(1.5 * steps[1.0], rel=0.1)
 
 
 def test_knobs_are_typed_and_strict():
     k = knobs_for("improvements", "cpu")
-    k.set("lrs", "[1e-3, 2e-3]")
+    k.set("lr_factors", "[0.25, 1.0, 4.0]")
     k.set("seeds", "7")
-    assert k.lrs == [1e-3, 2e-3] and k.seeds == 7
+    assert k.lr_factors == [0.25, 1.0, 4.0] and k.seeds == 7
     with pytest.raises(ConfigError):
         k.set("seedz", "3")
     with pytest.raises(ConfigError):
         knobs_for("nope", "cpu")
+    k.lr_factors = [0.5, 2.0]
+    with pytest.raises(ConfigError, match="must contain 1.0"):
+        STUDIES["improvements"].stages[0][1](k, lambda sp: None)
 
 
-def test_grid_files_configure_the_ladder(tmp_path):
-    grid = tmp_path / "grid.toml"
-    grid.write_text(
-        '[study]\nseeds = 2\nsetups = ["dense/muon/wsd"]\n[study.sizes]\n'
-        'a = ["model.d_model=64", "model.n_layers=2"]\nb = ["model.d_model=96", "model.n_layers=2"]\n'
-        'c = ["model.d_model=128", "model.n_layers=2"]\n'
-    )
-    k = knobs_for("unified", "cpu")
-    k.load(grid)
-    specs = STUDIES["unified"].stages[0][1](k, lambda sp: None)
-    assert {sp.coords["size"] for sp in specs} == {"a", "b", "c"} and len(specs) == 3 * 2 * 2
-    assert {sp.overrides["optim.name"] for sp in specs} == {"muon"}
-    grid.write_text('[study]\nsetups = ["dense/sgd/wsd"]\n')
-    k.load(grid)
-    with pytest.raises(ConfigError, match="family/optimizer/schedule"):
-        STUDIES["unified"].stages[0][1](k, lambda sp: None)
-
-
-def test_runner_skips_finished_runs_and_records_failures(tmp_path):
-    specs = specs_of("improvements", seeds=1, strategies=["baseline", "hg"])
+def test_runner_scores_and_skips_finished_runs_and_records_failures(tmp_path):
+    specs = specs_of("improvements", "smoke")[:2]
     runner = Runner(tmp_path, jobs=2, python="/bin/false", log=lambda *_: None)  # any real launch fails
     for sp in specs:
         d = runner.run_dir(sp)
         d.mkdir(parents=True)
         (d / "summary.json").write_text(json.dumps({"final_val_loss": 2.5}))
+    assert runner.status(specs[0]) == "unscored" and "--resume" not in runner.command(specs[0])
+    for sp in specs:
+        (runner.run_dir(sp) / "score.json").write_text(json.dumps({"score": 2.4}))
     runner.execute(specs)  # nothing to launch: no failure
-    assert all(runner.status(sp) == "done" and runner.lookup(sp) == 2.5 for sp in specs)
-    extra = specs_of("improvements", seeds=2, strategies=["baseline"])[1]
+    assert all(runner.status(sp) == "done" and runner.lookup(sp) == 2.4 for sp in specs)
+    extra = specs_of("improvements", "smoke")[5]
     with pytest.raises(ConfigError, match="failed"):
         runner.execute([*specs, extra])
-    assert runner.status(extra) == "failed" and runner.lookup(extra) is None  # retried on the next run
-    (runner.run_dir(extra) / "config.toml").write_text("")
-    assert "--resume" in runner.command(extra)
-
-
-# ------------------------------------------------------------------------------------------------- statistics
-
-
-def test_paired_test_resolves_a_small_consistent_effect():
-    rng = np.random.default_rng(0)
-    seed_noise = rng.normal(0, 0.05, 6)  # large seed-to-seed spread, shared by both arms
-    base = {i: 2.0 + seed_noise[i] for i in range(6)}
-    arm = {i: base[i] + 0.005 + rng.normal(0, 0.002) for i in range(6)}
-    p = paired(arm, base)
-    assert p.n == 6 and abs(p.mean - 0.005) < 0.003 and p.p < 0.01
-    d = np.array([arm[i] - base[i] for i in range(6)])
-    from scipy import stats
-
-    assert p.min_sig == pytest.approx(stats.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6))
-    assert p.mde80 > p.min_sig
-    assert verdict(p, +1) == "holds" and verdict(p, -1) == "contradicted"
-    # unpaired, the same effect is invisible under the seed spread
-    assert stats.ttest_ind(list(arm.values()), list(base.values())).pvalue > 0.5
-    noisy = paired({i: base[i] + rng.normal(0, 0.01) for i in range(6)}, base)
-    assert verdict(noisy, -1).startswith("not resolved") or noisy.p < 0.05
-    assert verdict(paired({0: 1.0}, {0: 1.1}), -1).startswith("not testable")
-    assert paired({0: math.inf, 1: 2.0}, {0: 2.0, 1: 2.0}).diverged
-
-
-def test_scaling_fit_recovers_a_known_law_and_compute_multiplier():
-    c = np.logspace(12, 16, 6)
-    e, a, alpha = 1.7, 30.0, 0.28
-    fit = fit_power_law(c, e + a * c**-alpha)
-    assert fit.ok and fit.E == pytest.approx(e, rel=1e-3) and fit.alpha == pytest.approx(alpha, rel=1e-3)
-    assert fit.A == pytest.approx(a, rel=1e-2)
-    k = 1.25  # the other strategy reaches at compute C what the baseline reaches at k·C
-    other = fit_power_law(c, e + a * (k * c) ** -alpha)
-    assert fitted_multiplier(fit, other, float(e + a * 1e15**-alpha)) == pytest.approx(k, rel=1e-3)
-    dense = np.logspace(12, 16, 40)
-    im = interpolated_multipliers(dense, e + a * dense**-alpha, c, e + a * (k * c) ** -alpha)
-    assert im and all(m == pytest.approx(k, rel=0.02) for _, m in im)
-    few = fit_power_law(c[:3], (e + a * c**-alpha)[:3])
-    assert not few.ok and "not reliable" in few.note
-    assert not fit_power_law(c[:2], [2.0, 1.9]).ok
-
-
-# ----------------------------------------------------------------------------------------------------- report
-
-
-def fake_run(
-    d: Path,
-    seed: int,
-    loss: float,
-    gamma: float,
-    n_params: int = 10_000,
-    tokens: int = 100_000,
-    tok_per_s: float = 1000.0,
-) -> None:
-    d.mkdir(parents=True)
-    rows = []
-    for step in (10, 20, 30):
-        rows.append({"step": step, "tokens": step * 1000, "train_loss": loss + 1.0 / step})
-        rows.append(
-            {
-                "step": step,
-                "tokens": step * 1000,
-                "val_loss": loss + 1.0 / step,
-                "gamma/blocks.0.attn.qkv.in_scales.q/mean": gamma,
-                "gamma/blocks.0.attn.qkv.in_scales.q/min": 0.9,
-                "gamma/blocks.0.attn.qkv.in_scales.q/max": 1.1,
-                "gamma/head.in_scale/mean": gamma,
-            }
-        )
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "summary.json").write_text(
-        json.dumps(
-            {
-                "final_val_loss": loss,
-                "params": 2 * n_params,
-                "non_embedding_params": n_params,
-                "tokens": tokens,
-                "steps": 30,
-                "wall_s": 1.0,
-                "tok_per_s": tok_per_s,
-                "strategy": "x",
-                "model": "tiny",
-                "optimizer": "adamw",
-                "schedule": "cosine",
-                "device": "cpu",
-                "scale_vector_params": 10,
-            }
-        )
-    )
-    (d / "resources.json").write_text(json.dumps({"peak_rss_mib": 400.0}))
-
-
-def test_report_writes_tables_verdicts_and_plots(tmp_path):
-    runs, entries = tmp_path / "runs", []
-    for seed in range(4):
-        for arm, delta in (("baseline", 0.0), ("hg", -0.01)):
-            sp = RunSpec(arm=arm, group="lr=0.003", seed=seed, overrides={"scale.strategy": arm})
-            fake_run(runs / sp.key, seed, 2.0 + 0.05 * seed + delta + 0.001 * (seed % 2), 1.0 + seed / 10)
-            entries.append({**sp.to_json(), "run_dir": f"../runs/{sp.key}"})
-        for size, n in (("xs", 1e4), ("s", 4e4), ("m", 1.6e5), ("l", 6.4e5)):
-            for arm, shift in (("baseline", 1.0), ("unified", 1.25)):
-                loss = 1.5 + 40 * (6 * n * 10 * n * shift) ** -0.2 + 1e-4 * seed
-                sp = RunSpec(
-                    arm=arm,
-                    group=f"dense/adamw/cosine {size}",
-                    seed=seed,
-                    overrides={"size": size, "scale.strategy": arm},
-                    coords={"setup": "dense/adamw/cosine", "size": size},
-                )
-                fake_run(runs / sp.key, seed, loss, 1.0, n_params=int(n), tokens=int(10 * n))
-                entries.append({**sp.to_json(), "run_dir": f"../runs/{sp.key}"})
-    for lr in (1e-3, 3e-3):
-        sp = RunSpec(
-            arm=f"baseline lr={lr}",
-            group="lr sweep",
-            seed=0,
-            overrides={"optim.lr": str(lr)},
-            baseline=None,
-            stage="sweep",
-            coords={"lr": lr, "strategy": "baseline"},
-        )
-        fake_run(runs / sp.key, 0, 2.0 + lr, 1.0)
-        entries.append({**sp.to_json(), "run_dir": f"../runs/{sp.key}"})
-    study = tmp_path / "improvements"
-    study.mkdir()
-    (study / "study.json").write_text(
-        json.dumps({"study": "improvements", "budget": "cpu", "knobs": {"seeds": 4}, "runs": entries})
-    )
-    md = write_report(study, tmp_path / "out")
-    text = md.read_text()
-    assert "| hg | 4 |" in text and "HOLDS" in text and "smallest effect" in text.lower()
-    assert "Seeds per arm: 4; seeds per LR-sweep point: 1." in text  # counted from the run files
-    assert "Loss vs compute" in text and "1.2" in text and "## Overhead" in text
-    for png in (
-        "loss_curves.png",
-        "paired_deltas.png",
-        "loss_vs_compute.png",
-        "gamma_hg.png",
-        "sweep_lr_sweep.png",
-    ):
-        assert (tmp_path / "out" / png).stat().st_size > 1000, png
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert res["groups"]["lr=0.003"]["arms"]["hg"]["paired"]["mean"] == pytest.approx(-0.01)
-    mult = res["scaling"]["dense/adamw/cosine"]["multiplier_fit_unified"]
-    assert mult == pytest.approx(1.25, rel=0.05)
-    assert len((tmp_path / "out" / "runs.csv").read_text().splitlines()) == len(entries) + 1
-    index = write_index({"improvements": md}, tmp_path).read_text()
-    assert "HOLDS: HG alone lowers the final loss" in index and "(out/README.md)" in index
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from scalevec.study.report import export_tensorboard
-
-    assert export_tensorboard(study, tmp_path / "tb") == len(entries)
-    acc = EventAccumulator(str(tmp_path / "tb" / "lr_0_003" / "hg" / "seed1"))
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("val_loss")] == [10, 20, 30]
-
-
-# --------------------------------------------------------------------------------------------- end to end
-
-
-def test_micro_study_end_to_end(tmp_path, capsys):
-    out = tmp_path / "study"
-    argv = [
-        "study",
-        "improvements",
-        "--budget",
-        "cpu",
-        "--seeds",
-        "1",
-        "--steps",
-        "3",
-        "--out",
-        str(out),
-        "--set",
-        'strategies=["baseline","hg"]',
-        "--set",
-        "eval_points=1",
-        "--override",
-        "data.val_tokens=1024",
-        "--override",
-        "train.batch_size=2",
-        "--override",
-        "train.seq_len=32",
-        "--override",
-        "train.compile=false",  # 3 steps: compiling would cost more than the whole study
-        "--report",
-    ]
-    assert cli_main(argv) == 0
-    report = out / "improvements" / "report"
-    text = (report / "README.md").read_text()
-    assert "| hg | 1 |" in text and (report / "loss_curves.png").is_file()
-    rows = [
-        json.loads(ln)
-        for ln in next((out / "runs").glob("hg-*")).joinpath("metrics.jsonl").read_text().splitlines()
-    ]
-    assert any(k.startswith("gamma/") and k.endswith("in_scales.v/mean") for r in rows for k in r)
-    capsys.readouterr()
-    assert cli_main(argv) == 0  # a rerun skips both finished runs
-    assert "2 finished earlier, 0 to run" in capsys.readouterr().out
-
-
-def test_cpu_studies_compile_only_where_a_compiler_exists(monkeypatch):
-    from scalevec.study.grids import knobs_for
-
-    monkeypatch.setattr("shutil.which", lambda name: "/usr/bin/" + name)
-    assert "train.compile=true" in knobs_for("improvements", "cpu").base
-    monkeypatch.setattr("shutil.which", lambda name: None)  # no C++ compiler: runs stay eager ("auto")
-    assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "cpu").base)
-    assert not any(b.startswith("train.compile") for b in knobs_for("improvements", "gpu").base)
+    assert runner.status(extra) == "failed" and runner.lookup(extra) is None
 
 
 @pytest.mark.parametrize("grid", sorted((Path(__file__).parents[1] / "configs" / "studies").glob("*.toml")),
@@ -350,4 +141,180 @@ def test_committed_grid_files_build_their_runs(grid):
     k = knobs_for("unified", "cpu")
     k.load(grid)
     specs = STUDIES["unified"].stages[0][1](k, lambda sp: None)
-    assert specs and {sp.arm for sp in specs} == {"baseline", "unified"}
+    assert specs and {sp.arm for sp in specs} == {"baseline", "unified", NULL}
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+
+
+def test_paired_ci_mde_holm_and_verdicts():
+    rng = np.random.default_rng(0)
+    base = {i: 2.0 + rng.normal(0, 0.05) for i in range(6)}
+    arm = {i: base[i] - 0.01 + rng.normal(0, 0.002) for i in range(6)}
+    p = stats.paired(arm, base)
+    d = np.array([arm[i] - base[i] for i in range(6)])
+    half = sps.t.ppf(0.975, 5) * d.std(ddof=1) / math.sqrt(6)
+    assert (p.lo, p.hi) == pytest.approx((d.mean() - half, d.mean() + half))
+    assert p.p == pytest.approx(sps.ttest_1samp(d, 0).pvalue)
+    assert stats.mde(0.01, 6) == pytest.approx((sps.t.ppf(0.975, 5) + sps.t.ppf(0.8, 5)) * 0.01 / math.sqrt(6))
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.verdict(p.mean, p.lo, p.hi, 0.001, -1, 0.1) == stats.SUPPORTED
+    assert stats.verdict(p.mean, p.lo, p.hi, 0.001, +1, 0.1) == stats.CONTRADICTED
+    assert stats.verdict(0.001, -0.002, 0.004, 0.5, -1, 0.005) == stats.BOUNDED
+    assert stats.verdict(0.001, -0.002, 0.009, 0.5, -1, 0.005) == stats.NOT_RESOLVED
+
+
+def test_random_effects_pooling_reports_heterogeneity():
+    same = stats.random_effects([-0.01, -0.011, -0.009], [0.002, 0.002, 0.002])
+    assert same.tau2 == 0 and same.i2 == 0 and same.mean == pytest.approx(-0.01) and same.p < 0.001
+    mixed = stats.random_effects([-0.05, 0.0, 0.05], [0.002, 0.002, 0.002])
+    assert mixed.tau2 > 0.001 and mixed.i2 > 0.9 and mixed.p > 0.05  # fixed-effect pooling would be wrong here
+    w = 1 / 0.002**2
+    q = sum(w * (y - 0.0) ** 2 for y in (-0.05, 0.0, 0.05))
+    assert mixed.q == pytest.approx(q) and mixed.tau2 == pytest.approx((q - 2) / (3 * w - 3 * w**2 / (3 * w)))
+
+
+def test_slope_test_detects_a_widening_gap():
+    steps = list(range(100, 900, 100))
+    rng = np.random.default_rng(1)
+    widening = {s: [-1e-5 * t + rng.normal(0, 1e-4) for t in steps] for s in range(4)}
+    flat = {s: [rng.normal(0, 1e-4) for _ in steps] for s in range(4)}
+    w = stats.slope_test(steps, widening)
+    assert w.slope == pytest.approx(-0.01, rel=0.1) and w.p < 0.01 and w.hi < 0
+    assert stats.slope_test(steps, flat).p > 0.01
+
+
+def test_quadratic_optimum_and_token_multiplier_recover_known_values():
+    lrs = [1e-3, 2e-3, 4e-3, 8e-3]
+    best = 3e-3
+    losses = {(lr, s): 2.0 + 0.05 * math.log(lr / best) ** 2 + 0.01 * s for lr in lrs for s in range(4)}
+    opt = fit_optimum(losses)
+    assert opt.lr == pytest.approx(best, rel=1e-6) and opt.inside and opt.lo <= best <= opt.hi
+    assert loss_at(losses, best) == pytest.approx({s: 2.0 + 0.01 * s for s in range(4)})
+    edge = fit_optimum({(lr, 0): -math.log(lr) for lr in lrs})
+    assert not edge.inside and edge.lr == pytest.approx(8e-3)
+    # baseline: loss falls 0.1 per doubling of tokens; the arm matches the baseline at 1.3x
+    base = {r: {s: 2.0 - 0.1 * math.log2(r) + 0.001 * s for s in range(4)} for r in (1.0, 1.25, 1.5)}
+    arm = {s: 2.0 - 0.1 * math.log2(1.3) + 0.001 * s for s in range(4)}
+    m = token_multiplier(base, arm)
+    assert m.value == pytest.approx(1.3, rel=1e-6) and m.lo <= 1.3 <= m.hi and m.bound == ""
+    assert token_multiplier(base, {s: 1.0 for s in range(4)}).bound == ">1.5"
+
+
+def test_time_estimate_calibrates_on_finished_runs(tmp_path):
+    truth = TimeModel(20.0, 5e-6, 1e-10, "")
+    for i, (tokens, n) in enumerate([(1e6, 3e4), (2e6, 7e4), (4e6, 1.3e5), (4e6, 2e5), (1e6, 1.3e5), (3e6, 3e4)]):
+        d = tmp_path / "runs" / f"r{i}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"tokens": tokens, "non_embedding_params": n, "wall_s": 0}))
+        (d / "resources.json").write_text(json.dumps({"process_s": truth.seconds(tokens, n)}))
+        (d / "score.json").write_text(json.dumps({"evals": [], "eval_tokens": 0, "score_s": 0.0}))
+    model = calibrate(tmp_path)
+    assert "calibrated on 6" in model.source
+    for tokens, n in ((5e6, 1e5), (5e5, 4e4)):
+        assert model.seconds(tokens, n) == pytest.approx(truth.seconds(tokens, n), rel=0.01)
+    assert "measured defaults" in calibrate(tmp_path / "empty").source
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+def fake_run(d: Path, loss: float, n_params: int = 10_000, tokens: int = 100_000, curve=None) -> None:
+    d.mkdir(parents=True)
+    rows = []
+    for i, step in enumerate((10, 20, 30, 40)):
+        val = curve[i] if curve else loss + 1.0 / step
+        rows.append({"step": step, "tokens": step * 1000, "train_loss": val})
+        rows.append({"step": step, "tokens": step * 1000, "val_loss": val,
+                     "gamma/blocks.0.attn.q.in/mean": 1 + step / 100, "gamma/blocks.0.attn.q.in/std": 0.1,
+                     "gamma/blocks.1.attn.q.in/mean": 1.0, "gamma/final.in/mean": 1.0})
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({
+        "final_val_loss": loss, "params": 2 * n_params, "non_embedding_params": n_params, "tokens": tokens,
+        "steps": 40, "wall_s": 1.0, "tok_per_s": 1000.0, "strategy": "x", "model": "tiny", "optimizer": "adamw",
+        "schedule": "wsd", "device": "cpu", "scale_vector_params": 10}))
+    (d / "score.json").write_text(json.dumps({"score": loss, "evals": [], "eval_tokens": 5000,
+                                              "train_split_tokens": 400_000}))
+    (d / "resources.json").write_text(json.dumps({"peak_rss_mib": 400.0}))
+
+
+def test_report_fields_from_fake_unified_runs(tmp_path):
+    """Two rungs with a known effect: unified 0.02 lower at every LR, a flat null arm, and a baseline whose loss
+    falls 0.1 nats per doubling of tokens, so the multiplier is 2^0.2."""
+    entries = []
+
+    def add(sp, loss, **kw):
+        fake_run(tmp_path / "runs" / sp.key, loss, **kw)
+        entries.append({**sp.to_json(), "run_dir": f"../runs/{sp.key}"})
+
+    rng = np.random.default_rng(0)
+    for size, n in (("a", 10_000), ("b", 40_000)):
+        group, setup = f"dense/adamw/wsd {size}", "dense/adamw/wsd"
+        for seed in range(4):
+            noise = rng.normal(0, 0.003)
+            for arm, shift in (("baseline", 0.0), ("unified", -0.02)):
+                for x in (1e-3, 2e-3, 4e-3):
+                    c = {"setup": setup, "size": size, "x": x, "axis": "lr", "n_params": n}
+                    ov = {"scale.strategy": arm, "optim.lr": str(x), "size": size, "train.steps": "40"}
+                    loss = 2.0 + shift + 0.02 * math.log(x / 2e-3) ** 2 + noise + rng.normal(0, 0.001)
+                    curve = [loss + 0.1 + shift * t / 40 for t in (10, 20, 30, 40)]
+                    add(RunSpec(arm, group, seed, ov, "baseline", "grid", c), loss, n_params=n, curve=curve)
+                    if arm == "baseline" and x == 2e-3:
+                        add(RunSpec(NULL, group, seed, ov, "baseline", "grid", {**c, "null": True}, seed + 9),
+                            loss + rng.normal(0, 0.001), n_params=n)
+            for arm, ratio in (("baseline", 1.0), ("baseline", 1.25), ("baseline", 1.5), ("unified", 1.0)):
+                c = {"setup": setup, "size": size, "ratio": ratio, "strategy": arm, "n_params": n}
+                loss = 2.0 + noise - 0.1 * math.log2(ratio) - (0.02 if arm == "unified" else 0)
+                add(RunSpec(f"{arm} ×{ratio}", f"{group} budgets", seed, {"r": str(ratio), "s": arm, "z": size},
+                            None, "budget", c), loss, n_params=n, tokens=int(1e5 * ratio))
+    study = tmp_path / "unified"
+    study.mkdir()
+    (study / "study.json").write_text(json.dumps({"study": "unified", "budget": "cpu", "knobs": {}, "runs": entries}))
+    md = write_report(study, tmp_path / "out")
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["regime"]) >= {"non_embedding_params", "tokens_per_param", "epochs", "eval_tokens", "lr_grid"}
+    assert set(res["noise"]) >= {"null_sd", "mde", "units"} and "nats per byte" in res["noise"]["units"]
+    rows = {c["group"]: c for c in res["claims"]}
+    assert {"claim", "group", "delta", "ci95", "p", "p_holm", "verdict"} <= set(rows["dense/adamw/wsd a · own optimum"])
+    for g in ("dense/adamw/wsd a · own optimum", "dense/adamw/wsd b · same LR"):
+        assert rows[g]["delta"] == pytest.approx(-0.02, abs=0.003) and rows[g]["verdict"] == "SUPPORTED"
+    pooled = rows["pooled over 2 groups (random effects) · own optimum"]
+    assert pooled["delta"] == pytest.approx(-0.02, abs=0.003) and pooled["i2"] is not None
+    assert all(r["p_holm"] >= r["p"] for r in res["claims"])
+    for m in res["multiplier"]:
+        assert m["value"] == pytest.approx(2 ** 0.2, rel=0.02) and m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    assert res["wsd"]["dense/adamw/wsd a"]["slope"]["slope"] < 0
+    text = md.read_text()
+    assert "SUPPORTED" in text and "Compute multiplier" in text and "τ²" in text
+    for png in ("claims.png", "lr_grids.png", "loss_curves.png", "gamma_baseline.png", "wsd_delta.png",
+                "loss_vs_compute.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000, png
+    assert "SUPPORTED: Unified lowers the loss" in write_index({"unified": md}, tmp_path).read_text()
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def test_smoke_budget_runs_the_whole_pipeline(tmp_path, capsys):
+    """grid -> runs (real training and scoring) -> report -> results.json, on the smoke budget."""
+    out = tmp_path / "study"
+    argv = ["study", "necessity", "--budget", "smoke", "--out", str(out), "--report"]
+    assert cli_main(argv) == 0
+    report = out / "necessity" / "report"
+    res = json.loads((report / "results.json").read_text())
+    reg, noise = res["regime"], res["noise"]
+    assert reg["tokens_per_param"] > 0 and reg["epochs"] > 0 and reg["eval_tokens"] > 0
+    assert set(reg["lr_grid"]) == {"baseline", "no_scale"} and all(len(v) == 3 for v in reg["lr_grid"].values())
+    assert noise["null_sd"] > 0 and noise["mde"] > 0 and noise["units"]
+    assert [c["group"] for c in res["claims"]] == ["necessity · own optimum", "necessity · same LR"]
+    for c in res["claims"]:
+        assert c["verdict"] in ("SUPPORTED", "CONTRADICTED", "BOUNDED", "NOT RESOLVED")
+        assert c["ci95"][0] <= c["delta"] <= c["ci95"][1] and c["p"] <= c["p_holm"] <= 1
+    run = next((out / "runs").glob("baseline-*"))
+    scored = json.loads((run / "score.json").read_text())
+    assert len(scored["evals"]) == 3 and scored["evals"][-1]["step"] == BUDGETS["smoke"]["_all"]["steps"]
+    assert any(k.startswith("gamma/blocks.0.attn.in/") for ln in (run / "metrics.jsonl").read_text().splitlines()
+               for k in json.loads(ln))
+    capsys.readouterr()
+    assert cli_main(argv) == 0  # a rerun skips every finished run
+    assert "14 finished earlier, 0 to run" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from scalevec.typed_config import ConfigError
 
 
 def cmd_study(args) -> int:
-    from scalevec.study.grids import knobs_for
+    from scalevec.study.budgets import JOBS, knobs_for
     from scalevec.study.runner import Runner, run_study
 
     knobs = knobs_for(args.name, args.budget)
@@ -31,9 +31,10 @@ def cmd_study(args) -> int:
         raise ConfigError(f"--seeds: must be at least 1, got {knobs.seeds}")
     if args.override:
         knobs.base = [*knobs.base, *args.override]
-    jobs = args.jobs if args.jobs is not None else (2 if args.budget == "cpu" else 1)
+    jobs = args.jobs if args.jobs is not None else JOBS[args.budget]
     threads = args.threads if args.threads is not None else 1
-    runner = Runner(Path(args.out), jobs=jobs, threads=threads, retry_failed=args.retry_failed)
+    runner = Runner(Path(args.out), jobs=jobs, threads=threads, retry_failed=args.retry_failed,
+                    score=knobs.score_evals, score_tokens=knobs.score_tokens)
     command = reproduce_command(args.name, args.budget, knobs, args.out)
     study_dir = run_study(args.name, args.budget, knobs, runner, dry_run=args.dry_run, command=command)
     if args.report and not args.dry_run:
@@ -60,7 +61,7 @@ def reproduce_command(name: str, budget: str, knobs, out: str) -> str:
     """The command that rebuilds exactly this grid: the budget plus every knob that differs from it."""
     import shlex
 
-    from scalevec.study.grids import knobs_for
+    from scalevec.study.budgets import knobs_for
 
     default = knobs_for(name, budget).to_json()
     parts = ["scalevec", "study", name, "--budget", budget, "--out", out]
@@ -102,6 +103,7 @@ def cmd_report(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from scalevec.study.budgets import BUDGETS
     from scalevec.study.grids import STUDIES
 
     st = sub.add_parser(
@@ -112,9 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("name", choices=list(STUDIES))
     st.add_argument(
         "--budget",
-        choices=["cpu", "gpu"],
+        choices=list(BUDGETS),
         default="cpu",
-        help="grid size: cpu = about an hour on 2 cores; gpu = one H100, 0.12B-scale ladder",
+        help="grid size: cpu = at most 90 minutes per study on 2 cores; gpu = at most 8 minutes on one H100; "
+        "smoke = the whole pipeline on toy shapes in about a minute",
     )
     st.add_argument(
         "--seeds",
@@ -122,12 +125,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="paired seeds per arm (default: the budget's, at least 5 where effects are small)",
     )
     st.add_argument(
-        "--steps", type=int, help="optimizer steps per run (unified: use --set tokens_per_param=...)"
+        "--steps", type=int, help="optimizer steps per run instead of --set tokens_per_param=... (tests)"
     )
     st.add_argument("--out", default="runs/study", help="root of run folders and study manifests")
-    st.add_argument("--jobs", type=int, help="runs at once (default: 2 on cpu, 1 on gpu)")
+    st.add_argument("--jobs", type=int, help="runs at once (default: 2 on cpu, 6 on gpu)")
     st.add_argument("--threads", type=int, help="torch threads per run (default 1)")
-    st.add_argument("--lr-from", help="an lr-sweep study folder: use each strategy's tuned LR")
+    st.add_argument("--lr-from", help="an lr-sweep (pilot) study folder: centre each arm's LR grid on its optimum")
     st.add_argument("--grid", help="a TOML file of study knobs (see configs/studies/)")
     st.add_argument(
         "--set", action="append", metavar="KNOB=VALUE", help="one study knob, e.g. lrs=[1e-3,3e-3]"

@@ -1,9 +1,10 @@
 """The paper's experiments (PAPER.md section 4) as grids of paired runs.
 
 A study is a list of *stages*; a stage maps the knobs and the results of the earlier stages to run specs, so
-an LR sweep can feed the runs that use its best LR. Every arm of a comparison shares the seeds of its
-baseline (``RunSpec``: same init, same data order). Budgets only change knobs: the grid logic is the same on a
-laptop and on an H100.
+a later stage can train at an optimum an earlier one found. In every comparison each arm runs on a log grid
+of learning rates around its pilot optimum, every seed at every point (``stage="grid"``), and a null arm (the
+baseline with another init seed, same data order) measures the noise floor of a paired difference. Budgets
+(``budgets.py``) only change knobs: the grid logic is the same on a laptop and on an H100.
 """
 
 from __future__ import annotations
@@ -16,118 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalevec.study.spec import Knobs, RunSpec
+from scalevec.study.tuning import fit_optimum
 from scalevec.typed_config import ConfigError
 
-Lookup = Callable[
-    [RunSpec], float | None
-]  # final validation loss of a finished run (inf: diverged), else None
+Lookup = Callable[[RunSpec], float | None]  # score of a finished run (inf: diverged), else None
 Stage = Callable[[Knobs, Lookup], list[RunSpec]]
-
-TOKENS_PER_STEP_CPU = 16 * 128
-
-# Shared by every run of a budget; a study adds its own overrides on top. Byte-level Shakespeare keeps the
-# CPU runs free of tokenizer training and makes the loss comparable with the calibration in the issue.
-BASE = {
-    "cpu": [
-        "model.preset=tiny",
-        "data.tokenizer=byte",
-        "train.batch_size=16",
-        "train.seq_len=128",
-        "train.precision=bf16",
-        "optim.name=adamw",
-        "schedule.name=cosine",
-        "train.keep_ckpts=1",
-    ],
-    "gpu": [
-        "model.preset=small",
-        "data.tokenizer=gpt2",
-        "train.batch_size=32",
-        "train.seq_len=512",
-        "train.precision=bf16",
-        "optim.name=adamw",
-        "schedule.name=cosine",
-        "train.keep_ckpts=1",
-    ],
-}
-
-# The ladder of the unified study. CPU: three widths of the tiny shape (non-embedding 0.13M, 0.44M, 1.05M).
-# GPU: the 0.12B-scale ladder of the issue (6M, 30M, 120M non-embedding). The gpu budget has not been run in
-# this project yet; its runs compile under train.compile="auto" (they are longer than the threshold).
-LADDERS = {
-    "cpu": {
-        "xs": ["model.preset=tiny", "model.d_model=64", "model.n_layers=2", "model.d_ff=256"],
-        "s": ["model.preset=tiny", "model.d_model=96", "model.n_layers=3", "model.d_ff=384"],
-        "m": ["model.preset=tiny"],
-    },
-    "gpu": {
-        "6m": ["model.preset=small"],
-        "30m": [
-            "model.preset=small",
-            "model.d_model=512",
-            "model.n_layers=8",
-            "model.n_heads=8",
-            "model.d_ff=1536",
-        ],
-        "120m": ["model.preset=0.12b"],
-    },
-}
-
-# Knob defaults per budget and study. CPU: each study fits 60 minutes on 2 cores at the measured ~10.8k tokens/s
-# of one single-threaded compiled tiny run (two runs at once); fewer, longer runs where the budget forces a choice.
-BUDGETS: dict[str, dict[str, dict]] = {
-    "cpu": {
-        "necessity": {"seeds": 5, "steps": 500, "sweep_seeds": 1, "lrs": [1.5e-3, 3e-3, 6e-3, 1.2e-2]},
-        "weight-decay": {"seeds": 5, "steps": 700},
-        "improvements": {"seeds": 5, "steps": 500},
-        "unified": {
-            "seeds": 2,
-            "tokens_per_param": 1.5,
-            "setups": ["dense/adamw/cosine", "moe/adamw/cosine", "dense/muon/cosine", "dense/adamw/wsd"],
-            "setup_sizes": {
-                "moe/adamw/cosine": ["xs", "s"],
-                "dense/muon/cosine": ["xs", "s"],
-                "dense/adamw/wsd": ["xs", "s"],
-            },
-        },
-        "lr-sweep": {
-            "sweep_seeds": 1,
-            "steps": 300,
-            "lrs": [1.5e-3, 3e-3, 6e-3, 1.2e-2],
-            "strategies": ["baseline", "no_scale", "hg", "dp", "dnp", "or", "er", "unified"],
-        },
-    },
-    "gpu": {
-        "necessity": {
-            "seeds": 5,
-            "steps": 4000,
-            "sweep_seeds": 2,
-            "lr": 1e-3,
-            "lrs": [5e-4, 1e-3, 2e-3, 4e-3],
-        },
-        "weight-decay": {"seeds": 5, "steps": 4000, "lr": 1e-3},
-        "improvements": {"seeds": 5, "steps": 4000, "lr": 1e-3},
-        "unified": {
-            "seeds": 2,
-            "tokens_per_param": 20.0,
-            "lr": 1e-3,
-            "setups": [
-                "dense/adamw/cosine",
-                "moe/adamw/cosine",
-                "dense/muon/cosine",
-                "dense/adamw/wsd",
-                "dense/muon/wsd",
-                "moe/muon/wsd",
-            ],
-            "moe": ["model.moe.num_experts=8", "model.moe.top_k=2"],
-        },
-        "lr-sweep": {
-            "sweep_seeds": 1,
-            "steps": 4000,
-            "lrs": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-            "strategies": ["baseline", "no_scale", "hg", "dp", "dnp", "or", "er", "unified"],
-        },
-    },
-}
+NULL = "null"  # the null arm's name in every comparison
 
 
 @dataclass
@@ -138,7 +33,7 @@ class Claim:
     arm: str
     ref: str
     sign: int  # -1: arm has the lower loss; +1: arm has the higher loss
-    group: str = ""  # substring the comparison group must contain ("" = every group with both arms)
+    paper: str = ""  # the paper's number, for the tables
 
 
 @dataclass
@@ -149,179 +44,12 @@ class Study:
     claims: list[Claim] = field(default_factory=list)
 
 
-def knobs_for(study: str, budget: str) -> Knobs:
-    if budget not in BUDGETS:
-        raise ConfigError(f"--budget: {budget!r} is not one of {', '.join(BUDGETS)}")
-    k = Knobs(sizes=dict(LADDERS[budget]), base=list(BASE[budget]) + _compile(budget))
-    for key, value in BUDGETS[budget][get_study(study).name].items():
-        setattr(k, key, value)
-    return k
-
-
-def _compile(budget: str) -> list[str]:
-    """CPU: compile every run, also the short ones train.compile="auto" leaves eager (measured ~2x the
-    tokens/s of two single-threaded tiny runs), when inductor can build CPU kernels (``cpu_compiler_available``)."""
-    from scalevec.train.trainer import cpu_compiler_available
-
-    return ["train.compile=true"] if budget == "cpu" and cpu_compiler_available() else []
-
-
-def common(k: Knobs, steps: int | None = None) -> dict[str, str]:
-    """Overrides every run shares: the budget's base, the step count and evaluations spread over the run."""
-    steps = steps or k.steps
-    every = max(1, steps // max(1, k.eval_points))
-    out = dict(kv.split("=", 1) for kv in k.base)
-    out.update(
-        {
-            "train.steps": str(steps),
-            "train.eval_every": str(every),
-            "train.ckpt_every": str(every),
-            "train.log_every": str(max(1, min(10, every))),
-        }
-    )
-    return out
-
-
 def fmt_lr(lr: float) -> str:
     return f"{lr:.3g}"
 
 
-# ----------------------------------------------------------------------------------------------- LR sweeps
-
-
-def sweep_specs(
-    k: Knobs, strategies: list[str], extra: dict[str, str] | None = None, group: str = "lr sweep"
-) -> list[RunSpec]:
-    out = []
-    for s in strategies:
-        for lr in k.lrs:
-            for seed in range(k.sweep_seeds):
-                ov = {**common(k), **(extra or {}), "scale.strategy": s, "optim.lr": repr(lr)}
-                out.append(
-                    RunSpec(
-                        arm=f"{s} lr={fmt_lr(lr)}",
-                        group=group,
-                        seed=seed,
-                        overrides=ov,
-                        baseline=None,
-                        stage="sweep",
-                        coords={"lr": lr, "strategy": s},
-                    )
-                )
-    return out
-
-
-def best_lrs(specs: list[RunSpec], lookup: Lookup) -> dict[str, dict]:
-    """Per strategy: the grid LR with the lowest mean final loss (diverged runs count as +inf)."""
-    losses: dict[tuple[str, float], list[float]] = defaultdict(list)
-    for sp in specs:
-        if sp.baseline is None and "lr" in sp.coords:
-            v = lookup(sp)
-            if v is not None:
-                losses[(sp.coords["strategy"], sp.coords["lr"])].append(v if math.isfinite(v) else math.inf)
-    best: dict[str, dict] = {}
-    for (s, lr), vals in sorted(losses.items()):
-        mean = sum(vals) / len(vals)
-        if s not in best or mean < best[s]["loss"]:
-            best[s] = {"lr": lr, "loss": mean, "seeds": len(vals)}
-    grid = sorted({sp.coords["lr"] for sp in specs if "lr" in sp.coords})
-    for b in best.values():
-        b["at_grid_edge"] = b["lr"] in (grid[0], grid[-1]) if len(grid) > 1 else True
-    return best
-
-
-def load_best_lrs(path: str) -> dict[str, float]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "best_lr.json"
-    if not p.is_file():
-        raise ConfigError(f"lr_from: {p} does not exist (run `scalevec study lr-sweep` first)")
-    return {s: float(v["lr"]) for s, v in json.loads(p.read_text()).items()}
-
-
-def lr_for(k: Knobs, strategy: str) -> float:
-    if not k.lr_from:
-        return k.lr
-    table = load_best_lrs(k.lr_from)
-    if strategy not in table:
-        raise ConfigError(f"lr_from: {k.lr_from} has no tuned LR for strategy {strategy!r}")
-    return table[strategy]
-
-
-def lr_label(k: Knobs) -> str:
-    return "tuned LR (lr-sweep)" if k.lr_from else f"lr={fmt_lr(k.lr)}"
-
-
-# ---------------------------------------------------------------------------------------------- the studies
-
-
-def _paired(
-    k: Knobs,
-    group: str,
-    arms: dict[str, dict[str, str]],
-    baseline: str = "baseline",
-    stage: str = "main",
-    coords: dict | None = None,
-) -> list[RunSpec]:
-    return [
-        RunSpec(
-            arm=a,
-            group=group,
-            seed=seed,
-            overrides=ov,
-            baseline=baseline,
-            stage=stage,
-            coords={**(coords or {}), **({"lr": float(ov["optim.lr"])} if "optim.lr" in ov else {})},
-        )
-        for seed in range(k.seeds)
-        for a, ov in arms.items()
-    ]
-
-
-NECESSITY = ("baseline", "no_scale")
-
-
-def necessity_sweep(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    return [] if k.lr_from else sweep_specs(k, list(NECESSITY))
-
-
-def necessity_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    same = {s: {**common(k), "scale.strategy": s, "optim.lr": repr(k.lr)} for s in NECESSITY}
-    specs = _paired(k, f"same LR (lr={fmt_lr(k.lr)})", same)
-    if k.lr_from:
-        tuned = {s: lr_for(k, s) for s in NECESSITY}
-    else:
-        best = best_lrs(necessity_sweep(k, lookup), lookup)
-        missing = [s for s in NECESSITY if s not in best]
-        if missing:
-            raise ConfigError(f"necessity: the LR sweep has no finished run for {', '.join(missing)}")
-        tuned = {s: best[s]["lr"] for s in NECESSITY}
-    retuned = {s: {**common(k), "scale.strategy": s, "optim.lr": repr(tuned[s])} for s in NECESSITY}
-    return specs + _paired(k, "re-tuned LR", retuned)
-
-
-def improvements_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    if "baseline" not in k.strategies:
-        raise ConfigError("improvements: strategies must include 'baseline' (the reference of every delta)")
-    arms = {s: {**common(k), "scale.strategy": s, "optim.lr": repr(lr_for(k, s))} for s in k.strategies}
-    return _paired(k, lr_label(k), arms)
-
-
-def weight_decay_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    if "none" not in k.policies:
-        raise ConfigError("weight-decay: policies must include 'none' (the baseline convention)")
-    lr = lr_for(k, "baseline")
-    arms = {
-        f"decay={p}": {
-            **common(k),
-            "model.style": "gemma",
-            "scale.strategy": "baseline",
-            "scale.weight_decay": p,
-            "optim.lr": repr(lr),
-        }
-        for p in k.policies
-    }
-    return _paired(k, f"gemma style, lr={fmt_lr(lr)}", arms, baseline="decay=none")
+def kv(items: list[str]) -> dict[str, str]:
+    return dict(x.split("=", 1) for x in items)
 
 
 def non_embedding_params(overrides: dict[str, str]) -> int:
@@ -338,126 +66,247 @@ def non_embedding_params(overrides: dict[str, str]) -> int:
     return int(counts.get("active_non_embedding", counts["non_embedding"]))
 
 
+def run_length(k: Knobs, model: dict[str, str], ratio: float = 1.0) -> tuple[int, int]:
+    """(steps, non-embedding params) of a run of ``model`` at ``ratio`` × the knobs' tokens per parameter."""
+    base = kv(k.base)
+    n = non_embedding_params({**base, **model})
+    if k.steps > 0:
+        steps = max(1, round(k.steps * ratio))
+    else:
+        tokens_per_step = int(base.get("train.batch_size", 16)) * int(base.get("train.seq_len", 128))
+        steps = max(20, round(ratio * k.tokens_per_param * n / tokens_per_step))
+    every = max(1, round(steps * k.score_spacing))  # scored checkpoints evenly spaced up to the last step (never fewer tokens)
+    return every * max(1, math.ceil(steps / every)), n
+
+
+def common(k: Knobs, steps: int) -> dict[str, str]:
+    """Overrides every run shares: the budget's base, the length, periodic evaluations, and checkpoints
+    ``score_spacing`` apart of which the newest ``score_evals`` are scored on the whole validation split."""
+    every = max(1, steps // max(1, k.eval_points))
+    ckpt = max(1, round(steps * k.score_spacing))
+    while steps % ckpt:  # run_length makes steps a multiple; other callers get the nearest divisor below
+        ckpt -= 1
+    return {**kv(k.base), "train.steps": str(steps), "train.eval_every": str(every),
+            "train.ckpt_every": str(ckpt), "train.keep_ckpts": str(max(1, k.score_evals)),
+            "train.log_every": str(max(1, min(10, every)))}
+
+
+def shape(k: Knobs, name: str = "") -> dict[str, str]:
+    name = name or k.shape or list(k.sizes)[-1]
+    if name not in k.sizes:
+        raise ConfigError(f"study: shape {name!r} is not in the ladder ({', '.join(k.sizes)})")
+    return kv(k.sizes[name])
+
+
+# ------------------------------------------------------------------------------------------ learning rates
+
+
+def load_best_lrs(path: str) -> dict[str, float]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best_lr.json"
+    if not p.is_file():
+        raise ConfigError(f"lr_from: {p} does not exist (run `scalevec study lr-sweep` first)")
+    return {s: float(v["lr"]) for s, v in json.loads(p.read_text()).items()}
+
+
+def centre(k: Knobs, strategy: str) -> float:
+    """An arm's pilot optimum: from the lr-sweep study named by ``lr_from``, else the budget's ``lr``."""
+    if not k.lr_from:
+        return k.lr
+    table = load_best_lrs(k.lr_from)
+    if strategy not in table:
+        raise ConfigError(f"lr_from: {k.lr_from} has no tuned LR for strategy {strategy!r}")
+    return table[strategy]
+
+
+def tuned_group(k: Knobs, group: str, arms: dict[str, dict[str, str]], model: dict[str, str], steps: int,
+                baseline: str = "baseline", muon: bool = False, coords: dict | None = None,
+                per_lr: Callable[[float], dict[str, str]] | None = None) -> list[RunSpec]:
+    """Every arm on its grid (every seed at every point) plus the null arm at the baseline's grid centre.
+
+    AdamW: the grid is the peak LR, ``centre × lr_factors``. Muon: the gains' LR multiplier
+    (``optim.lr_mult``, ``gain_lr_mult × gain_mult_factors``), the matrices at the budget's Muon LR."""
+    factors = k.gain_mult_factors if muon else k.lr_factors
+    if not any(math.isclose(f, 1.0) for f in factors):
+        raise ConfigError("study: lr_factors / gain_mult_factors must contain 1.0 (the null arm's point)")
+    specs: list[RunSpec] = []
+    base_ov = {**common(k, steps), **model}
+    for arm, ov in arms.items():
+        strategy = ov.get("scale.strategy", "baseline")
+        mid = k.gain_lr_mult if muon else centre(k, strategy)
+        for f in factors:
+            x = mid * f
+            if muon:
+                tuned = {"optim.lr": repr(centre(k, strategy)),
+                         "optim.lr_mult": f"{{input_scale={x!r}, output_scale={x!r}}}"}
+            else:
+                tuned = {"optim.lr": repr(x), **(per_lr(x) if per_lr else {})}
+            point = {**base_ov, **ov, **tuned}
+            info = {**(coords or {}), "x": x, "axis": "gain lr mult" if muon else "lr", "strategy": strategy}
+            specs += [RunSpec(arm, group, s, point, baseline, "grid", info) for s in range(k.seeds)]
+            if arm == baseline and math.isclose(f, 1.0):
+                specs += [RunSpec(NULL, group, s, point, baseline, "grid", {**info, "null": True},
+                                  init_seed=s + k.null_init_offset) for s in range(k.seeds)]
+    return specs
+
+
+def grid_losses(specs: list[RunSpec], lookup: Lookup, arm: str) -> dict[tuple[float, int], float]:
+    out = {}
+    for sp in specs:
+        if sp.arm == arm and sp.stage == "grid":
+            v = lookup(sp)
+            if v is not None:
+                out[(sp.coords["x"], sp.seed)] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- studies
+
+
+def necessity_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+    model = shape(k)
+    steps, _ = run_length(k, model)
+    arms = {s: {"scale.strategy": s} for s in ("baseline", "no_scale")}
+    return tuned_group(k, "necessity", arms, model, steps)
+
+
+def improvements_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+    if "baseline" not in k.strategies:
+        raise ConfigError("improvements: strategies must include 'baseline' (the reference of every delta)")
+    model = shape(k)
+    steps, _ = run_length(k, model)
+    return tuned_group(k, "improvements", {s: {"scale.strategy": s} for s in k.strategies}, model, steps)
+
+
+def weight_decay_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+    if "none" not in k.policies:
+        raise ConfigError("weight-decay: policies must include 'none' (the baseline convention)")
+    model = {**shape(k), "model.style": "gemma"}
+    steps, _ = run_length(k, model)
+    arms = {f"decay={p}": {"scale.strategy": "baseline", "scale.weight_decay": p} for p in k.policies}
+
+    def decay(lr: float) -> dict[str, str]:  # η_peak · λ · T = decay_horizon at every grid point
+        return {"optim.weight_decay": repr(k.decay_horizon / (lr * steps))}
+
+    return tuned_group(k, "gemma style", arms, model, steps, baseline="decay=none", per_lr=decay)
+
+
 def parse_setup(setup: str) -> tuple[str, str, str]:
     parts = setup.split("/")
-    if (
-        len(parts) != 3
-        or parts[0] not in ("dense", "moe")
-        or parts[1] not in ("adamw", "muon")
-        or parts[2] not in ("cosine", "wsd")
-    ):
-        raise ConfigError(
-            f"unified: setup {setup!r} must be family/optimizer/schedule with family dense|moe, "
-            "optimizer adamw|muon, schedule cosine|wsd"
-        )
+    if (len(parts) != 3 or parts[0] not in ("dense", "moe") or parts[1] not in ("adamw", "muon")
+            or parts[2] not in ("cosine", "wsd")):
+        raise ConfigError(f"unified: setup {setup!r} must be family/optimizer/schedule with family dense|moe, "
+                          "optimizer adamw|muon, schedule cosine|wsd")
     return parts[0], parts[1], parts[2]
 
 
-def unified_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+def _rungs(k: Knobs):
+    """(setup, rung, model overrides) of every comparison of the unified study."""
     from scalevec.config import load_config
 
-    base = dict(kv.split("=", 1) for kv in k.base)
-    specs: list[RunSpec] = []
     for setup in k.setups:
         family, opt, sched = parse_setup(setup)
         for size in k.setup_sizes.get(setup, list(k.sizes)):
             if size not in k.sizes:
-                raise ConfigError(
-                    f"unified: size {size!r} of setup {setup!r} is not in the ladder ({', '.join(k.sizes)})"
-                )
-            model = dict(kv.split("=", 1) for kv in k.sizes[size])
+                raise ConfigError(f"unified: size {size!r} of setup {setup!r} is not in the ladder "
+                                  f"({', '.join(k.sizes)})")
+            model = kv(k.sizes[size])
             if family == "moe":
-                model.update(dict(kv.split("=", 1) for kv in k.moe))
-            cfg = load_config(None, [f"{a}={b}" for a, b in {**base, **model}.items()])
-            if family == "moe" and "model.moe.d_expert" not in model:  # keep the dense MLP's active width
-                model["model.moe.d_expert"] = str(cfg.model.d_ff // cfg.model.moe.top_k)
-            n = non_embedding_params({**base, **model})
-            tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * cfg.train.grad_accum
-            steps = max(20, round(k.tokens_per_param * n / tokens_per_step))
-            arms = {
-                s: {
-                    **common(k, steps),
-                    **model,
-                    "optim.name": opt,
-                    "schedule.name": sched,
-                    "scale.strategy": s,
-                    "optim.lr": repr(lr_for(k, s)),
-                }
-                for s in ("baseline", "unified")
-            }
-            coords = {"setup": setup, "size": size, "n_params": n, "tokens": steps * tokens_per_step}
-            specs += _paired(k, f"{setup} {size}", arms, coords=coords)
+                model.update(kv(k.moe))
+                cfg = load_config(None, [f"{a}={b}" for a, b in {**kv(k.base), **model}.items()])
+                model.setdefault("model.moe.d_expert", str(cfg.model.d_ff // cfg.model.moe.top_k))
+            yield setup, size, {**model, "optim.name": opt, "schedule.name": sched}
+
+
+def unified_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+    specs: list[RunSpec] = []
+    for setup, size, model in _rungs(k):
+        steps, n = run_length(k, model)
+        tps = int(kv(k.base).get("train.batch_size", 16)) * int(kv(k.base).get("train.seq_len", 128))
+        coords = {"setup": setup, "size": size, "n_params": n, "tokens": steps * tps, "ratio": 1.0}
+        arms = {s: {"scale.strategy": s} for s in ("baseline", "unified")}
+        specs += tuned_group(k, f"{setup} {size}", arms, model, steps, muon=model["optim.name"] == "muon",
+                             coords=coords)
+    return specs
+
+
+def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
+    """The first setup's rungs again at each arm's fitted optimum: the baseline at every token ratio (a
+    schedule of its own each), unified at ratio 1; the compute multiplier reads these."""
+    grid = unified_main(k, lookup)
+    setup = k.setups[0]
+    specs: list[RunSpec] = []
+    for s, size, model in _rungs(k):
+        if s != setup or model["optim.name"] == "muon":
+            continue
+        group = f"{setup} {size}"
+        here = [sp for sp in grid if sp.group == group]
+        for arm, ratios in (("baseline", k.token_ratios), ("unified", [1.0])):
+            opt = fit_optimum(grid_losses(here, lookup, arm))
+            if opt is None:
+                raise ConfigError(f"unified: no finished grid runs of {arm} in {group} to fit its optimum")
+            for r in ratios:
+                steps, n = run_length(k, model, r)
+                ov = {**common(k, steps), **model, "scale.strategy": arm, "optim.lr": repr(opt.lr)}
+                coords = {"setup": setup, "size": size, "n_params": n, "ratio": r, "lr": opt.lr, "strategy": arm}
+                specs += [RunSpec(f"{arm} ×{r:g}", f"{group} budgets", sd, ov, None, "budget", coords)
+                          for sd in range(k.seeds)]
     return specs
 
 
 def lr_sweep_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    return sweep_specs(k, k.strategies)
+    model = shape(k)
+    steps, _ = run_length(k, model)
+    specs = []
+    for s in k.strategies:
+        for lr in k.lrs:
+            ov = {**common(k, steps), **model, "scale.strategy": s, "optim.lr": repr(lr)}
+            specs += [RunSpec(f"{s} lr={fmt_lr(lr)}", "lr sweep", sd, ov, None, "sweep",
+                              {"x": lr, "axis": "lr", "strategy": s}) for sd in range(k.sweep_seeds)]
+    return specs
+
+
+def best_lrs(specs: list[RunSpec], lookup: Lookup) -> dict[str, dict]:
+    """Per strategy of a sweep: the optimum of a quadratic in log LR (``tuning.fit_optimum``)."""
+    by: dict[str, dict[tuple[float, int], float]] = defaultdict(dict)
+    for sp in specs:
+        v = lookup(sp)
+        if sp.stage == "sweep" and v is not None:
+            by[sp.coords["strategy"]][(sp.coords["x"], sp.seed)] = v
+    out = {}
+    for s, losses in by.items():
+        opt = fit_optimum(losses)
+        if opt is not None:
+            out[s] = {"lr": opt.lr, "inside_grid": opt.inside, "seeds": opt.seeds, "grid": opt.grid}
+    return out
 
 
 STUDIES: dict[str, Study] = {
     "necessity": Study(
-        "necessity",
-        "baseline vs every scale vector removed (no_scale), at the same LR and at each one's best LR "
-        "from an LR sweep",
-        [("sweep", necessity_sweep), ("main", necessity_main)],
-        [
-            Claim(
-                "Removing every γ raises the final loss at the same LR (paper: +0.028 at 0.12B)",
-                "no_scale",
-                "baseline",
-                +1,
-                "same LR",
-            ),
-            Claim(
-                "...and still after re-tuning the LR for each (paper: +0.015)",
-                "no_scale",
-                "baseline",
-                +1,
-                "re-tuned",
-            ),
-        ],
-    ),
+        "necessity", "baseline vs every scale vector removed (no_scale), each at its own best LR and at the "
+                     "baseline's", [("grid", necessity_main)],
+        [Claim("Removing every γ raises the loss", "no_scale", "baseline", +1,
+               "+0.028 same LR, +0.015 re-tuned (0.12B)")]),
     "weight-decay": Study(
-        "weight-decay",
-        "Gemma-style model (QK-norm + post-branch norms): weight decay on no γ, all γ, Input-Norm γ "
-        "only (IWD), Output-Norm γ only",
-        [("main", weight_decay_main)],
-        [
-            Claim("IWD (decay Input-Norm γ only) beats decaying no γ", "decay=input", "decay=none", -1),
-            Claim("IWD beats decaying all γ", "decay=input", "decay=all", -1),
-            Claim(
-                "Decay on Output-Norm γ hurts (output-only worse than none)", "decay=output", "decay=none", +1
-            ),
-        ],
-    ),
+        "weight-decay", "Gemma-style model (QK-norm + post-branch norms): weight decay on no γ, all γ, "
+                        "Input-Norm γ only (IWD), Output-Norm γ only; η·λ·T fixed", [("grid", weight_decay_main)],
+        [Claim("IWD (decay Input-Norm γ only) beats decaying no γ", "decay=input", "decay=none", -1,
+               "IWD best (Gemma-style 0.5B)"),
+         Claim("IWD beats decaying all γ", "decay=input", "decay=all", -1, "IWD best (Gemma-style 0.5B)"),
+         Claim("Decay on Output-Norm γ hurts", "decay=output", "decay=none", +1, "hurts (Gemma-style 0.5B)")]),
     "improvements": Study(
-        "improvements",
-        "baseline vs each improvement alone: HG, DP, DNP, OR, ER",
-        [("main", improvements_main)],
-        [
-            Claim(f"{s.upper()} alone lowers the final loss", s, "baseline", -1)
-            for s in ("hg", "dp", "dnp", "or", "er")
-        ],
-    ),
+        "improvements", "baseline vs each improvement alone: HG, DP, DNP, OR, ER", [("grid", improvements_main)],
+        [Claim(f"{s.upper()} alone lowers the loss", s, "baseline", -1, "lower (0.12B–2B)")
+         for s in ("hg", "dp", "dnp", "or", "er")]),
     "unified": Study(
-        "unified",
-        "baseline vs unified (HG + DNP + OR + IWD) over a size ladder; dense and MoE, AdamW and Muon, "
-        "cosine and WSD; scaling-law fit and compute multiplier",
-        [("main", unified_main)],
-        [
-            Claim(
-                "Unified lowers the final loss (every size, family, optimizer, schedule)",
-                "unified",
-                "baseline",
-                -1,
-            )
-        ],
-    ),
+        "unified", "baseline vs unified (HG + DNP + OR + IWD) over a size ladder; dense and MoE, AdamW and "
+                   "Muon, cosine and WSD; compute multiplier from the baseline at 1–1.5× the tokens",
+        [("grid", unified_main), ("budgets", unified_budgets)],
+        [Claim("Unified lowers the loss", "unified", "baseline", -1, "−0.016 to −0.019 (Muon+WSD, 0.5B)")]),
     "lr-sweep": Study(
-        "lr-sweep",
-        "peak LR per strategy on a log grid; writes best_lr.json for `--set lr_from=DIR`",
-        [("sweep", lr_sweep_main)],
-    ),
+        "lr-sweep", "pilot: peak LR per strategy on a wide log grid; writes best_lr.json, the centre of every "
+                    "arm's grid under `--lr-from`", [("sweep", lr_sweep_main)]),
 }
 
 

@@ -5,8 +5,9 @@ Layout under ``OUT`` (default ``runs/study``)::
     OUT/runs/<key>/          one ordinary run directory per distinct config (shared across studies)
     OUT/<study>/study.json   the manifest: knobs and every run spec with its run directory and status
 
-A run whose ``summary.json`` exists is skipped; a run with a ``config.toml`` but no summary is resumed from
-its newest checkpoint; a run that diverged (non-finite loss) is recorded as such and not retried unless asked.
+A run whose ``summary.json`` and ``score.json`` exist is skipped; a trained run without a score is only
+scored; a run with a ``config.toml`` but no summary is resumed from its newest checkpoint; a run that
+diverged (non-finite loss) is recorded as such and not retried unless asked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from scalevec.study.grids import best_lrs, get_study
 from scalevec.study.spec import Knobs, RunSpec
+from scalevec.study.worker import SCORE_FILE
 from scalevec.typed_config import ConfigError
 
 DIVERGED = "diverged"
@@ -36,9 +38,12 @@ class Runner:
         retry_failed: bool = False,
         python: str = sys.executable,
         log=print,
+        score: int = 3,
+        score_tokens: int = 0,
     ):
+        self.score_tokens = score_tokens
         self.out, self.jobs, self.threads = Path(out), max(1, jobs), max(1, threads)
-        self.retry_failed, self.python, self.log = retry_failed, python, log
+        self.retry_failed, self.python, self.log, self.score = retry_failed, python, log, score
 
     def run_dir(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.key
@@ -46,7 +51,7 @@ class Runner:
     def status(self, spec: RunSpec) -> str:
         d = self.run_dir(spec)
         if (d / "summary.json").is_file():
-            return "done"
+            return "done" if not self.score or (d / SCORE_FILE).is_file() else "unscored"
         if (d / "failed.json").is_file():
             return json.loads((d / "failed.json").read_text()).get("kind", "failed")
         if (d / "config.toml").is_file():
@@ -54,10 +59,11 @@ class Runner:
         return "todo"
 
     def lookup(self, spec: RunSpec) -> float | None:
-        """Final validation loss; +inf for a diverged run; None while unfinished."""
+        """The run's score (mean of its last evaluations on the whole validation split; the final periodic
+        evaluation for runs scored without it); +inf for a diverged run; None while unfinished."""
         st = self.status(spec)
         if st == "done":
-            return float(json.loads((self.run_dir(spec) / "summary.json").read_text())["final_val_loss"])
+            return run_score(self.run_dir(spec))
         return math.inf if st == DIVERGED else None
 
     def command(self, spec: RunSpec) -> list[str]:
@@ -70,6 +76,7 @@ class Runner:
             f"run.out={d}",
             f"train.threads={self.threads}",
             "train.progress=false",
+            *(["--score", str(self.score), "--score-tokens", str(self.score_tokens)] if self.score else []),
         ]
         return [*cmd, "--resume"] if (d / "config.toml").is_file() else cmd
 
@@ -125,6 +132,13 @@ class Runner:
             )
 
 
+def run_score(run_dir: Path) -> float:
+    score = run_dir / SCORE_FILE
+    if score.is_file():
+        return float(json.loads(score.read_text())["score"])
+    return float(json.loads((run_dir / "summary.json").read_text())["final_val_loss"])
+
+
 def _lock(path: Path) -> bool:
     """Create ``path`` holding our pid; a lock whose process is gone is taken over."""
     for _ in range(2):
@@ -177,21 +191,19 @@ def run_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     specs: list[RunSpec] = []
     t0 = time.perf_counter()
-    for stage_name, stage in study.stages:
-        stage_specs = stage(knobs, runner.lookup)
+    for i, (stage_name, stage) in enumerate(study.stages):
+        stage_specs = stage(knobs, _assumed if dry_run and i else runner.lookup)
         specs += stage_specs
-        runner.log(f"{study.name}/{stage_name}: {len(stage_specs)} runs")
+        runner.log(f"{study.name}/{stage_name}: {len(stage_specs)} runs"
+                   + (" (counted as if every grid were finished)" if dry_run and i else ""))
         if dry_run:
             _describe(stage_specs, runner)
-            if stage_name != study.stages[-1][0]:
-                runner.log("  (later stages depend on these results; a dry run stops here)")
-                break
             continue
         write_manifest(study_dir, manifest(study.name, budget, knobs, runner, specs, command))
         runner.execute(stage_specs)
     if not dry_run:
         write_manifest(study_dir, manifest(study.name, budget, knobs, runner, specs, command))
-    sweep = [sp for sp in specs if sp.baseline is None]
+    sweep = [sp for sp in specs if sp.stage == "sweep"]
     if sweep and not dry_run:
         best = best_lrs(sweep, runner.lookup)
         (study_dir / "best_lr.json").write_text(json.dumps(best, indent=1))
@@ -200,22 +212,22 @@ def run_study(
     return study_dir
 
 
-def _describe(specs: list[RunSpec], runner: Runner, tok_per_s: float = 10800.0) -> None:
+def _assumed(spec: RunSpec) -> float:
+    """A stand-in score for a dry run's later stages: only how many runs they hold matters there."""
+    return 2.0 + math.log(spec.coords.get("x", 1.0)) ** 2
+
+
+def _describe(specs: list[RunSpec], runner: Runner) -> None:
+    from scalevec.study.estimate import calibrate, run_seconds
+
     unique = list({sp.key: sp for sp in specs}.values())
-    tokens = 0
-    for sp in unique:
-        ov = sp.overrides
-        tokens += (
-            int(ov.get("train.steps", 0))
-            * int(ov.get("train.batch_size", 16))
-            * int(ov.get("train.seq_len", 128))
-        )
     todo = [sp for sp in unique if runner.status(sp) != "done"]
-    est = tokens / tok_per_s / runner.jobs / 60
-    runner.log(
-        f"  {len(unique)} distinct runs ({len(todo)} not finished), {tokens / 1e6:.1f}M tokens; about "
-        f"{est:.0f} min at {tok_per_s:,.0f} tokens/s per single-threaded run, {runner.jobs} at a time"
-    )
+    model = calibrate(runner.out)
+    seconds = sum(run_seconds(sp, model) for sp in todo)
+    tokens = sum(int(sp.overrides.get("train.steps", 0)) * int(sp.overrides.get("train.batch_size", 16))
+                 * int(sp.overrides.get("train.seq_len", 128)) for sp in unique)
+    runner.log(f"  {len(unique)} distinct runs ({len(todo)} not finished), {tokens / 1e6:.1f}M training tokens; "
+               f"about {seconds / runner.jobs / 60:.0f} min with {runner.jobs} at a time ({model.source})")
     for sp in unique[:12]:
         runner.log(f"    {sp.group:<30} {sp.arm:<22} seed {sp.seed}  {sp.key}")
     if len(unique) > 12:

@@ -2,9 +2,10 @@
 
 A ``RunSpec`` is one training run: config overrides plus a seed. The seed sets both the model init
 (``train.seed``) and the data order (``data.seed``), so every arm of a comparison that shares a seed index is
-a *paired* run: same initial weights where shapes agree, same batches in the same order. The run directory
-name is derived from the resolved overrides, so two studies that ask for the same run share one directory and
-a rerun skips it.
+a *paired* run: same initial weights where shapes agree, same batches in the same order. The null arm moves
+only the init seed (``init_seed``), the one thing an arm that changes the parameterisation also changes. The
+run directory name is derived from the resolved overrides, so two studies that ask for the same run share one
+directory and a rerun skips it.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class RunSpec:
     baseline: str | None = "baseline"
     stage: str = "main"
     coords: dict[str, Any] = field(default_factory=dict)
+    init_seed: int | None = None  # the model init's seed where it differs from ``seed`` (the null arm)
 
     def config_overrides(self) -> list[str]:
-        table = {**self.overrides, "train.seed": str(self.seed), "data.seed": str(self.seed)}
+        init = self.seed if self.init_seed is None else self.init_seed
+        table = {**self.overrides, "train.seed": str(init), "data.seed": str(self.seed)}
         return [f"{k}={v}" for k, v in sorted(table.items())]
 
     @property
@@ -73,26 +76,35 @@ class RunSpec:
 @dataclass
 class Knobs:
     """The configurable part of a study grid. Every field can be set with ``--set key=value`` or a TOML
-    ``--grid`` file; the per-budget defaults live in ``grids.BUDGETS``."""
+    ``--grid`` file; the per-budget defaults live in ``budgets.BUDGETS``."""
 
     seeds: int = 5
-    steps: int = 600  # optimizer steps per run (unified: derived from tokens_per_param instead)
-    lr: float = 3e-3  # the shared peak LR where a study does not tune it
-    lrs: list[float] = field(default_factory=lambda: [1.5e-3, 3e-3, 6e-3, 1.2e-2])  # log grid for sweeps
-    sweep_seeds: int = 2  # seeds per point of an LR sweep
+    tokens_per_param: float = 30.0  # training tokens per non-embedding parameter; sets every run's steps
+    steps: int = 0  # optimizer steps per run when > 0 (overrides tokens_per_param; smoke tests)
+    lr: float = 3e-3  # the pilot optimum: centre of every arm's LR grid without lr_from
+    lr_factors: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # each arm's grid: centre × these
+    lr_from: str = ""  # an lr-sweep (pilot) study folder or its best_lr.json: each strategy's grid centre
+    gain_lr_mult: float = 3.0  # Muon: centre of the gains' LR-multiplier grid (optim.lr_mult of the gains)
+    gain_mult_factors: list[float] = field(default_factory=lambda: [1 / 3, 1.0, 3.0])
+    null_init_offset: int = 1000  # the null arm: the baseline with init seed = seed + this, same data order
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])  # lr-sweep (pilot) grid
+    sweep_seeds: int = 1  # seeds per point of the lr-sweep (pilot)
     strategies: list[str] = field(default_factory=lambda: ["baseline", "hg", "dp", "dnp", "or", "er"])
     policies: list[str] = field(default_factory=lambda: ["none", "all", "input", "output"])
-    # unified: the size ladder (name -> model overrides), trained at tokens_per_param tokens per non-embedding
-    # parameter; setups are (family, optimizer, schedule) triples, each run over setup_sizes[setup]
-    # (default: the whole ladder).
+    decay_horizon: float = 3.0  # weight-decay study: λ = decay_horizon / (η_peak · steps) at every grid LR
+    # unified: the size ladder (name -> model overrides); setups are (family, optimizer, schedule) triples,
+    # each run over setup_sizes[setup] (default: the whole ladder)
     sizes: dict[str, list[str]] = field(default_factory=dict)
-    tokens_per_param: float = 1.5
+    shape: str = ""  # the ladder rung every run of the other studies uses ("" = the ladder's last)
     setups: list[str] = field(default_factory=lambda: ["dense/adamw/cosine"])
     setup_sizes: dict[str, list[str]] = field(default_factory=dict)
+    token_ratios: list[float] = field(default_factory=lambda: [1.0, 1.25, 1.5])  # baseline budgets (multiplier)
     moe: list[str] = field(default_factory=lambda: ["model.moe.num_experts=4", "model.moe.top_k=2"])
     base: list[str] = field(default_factory=list)  # overrides applied to every run
-    eval_points: int = 5  # evaluations per run (γ statistics are recorded at each)
-    lr_from: str = ""  # an lr-sweep study folder (or its best_lr.json): use each strategy's tuned LR
+    eval_points: int = 10  # periodic evaluations per run on a fixed validation slice (curves, γ statistics)
+    score_evals: int = 3  # the score: mean of the newest this many checkpoints, each on the whole split
+    score_spacing: float = 0.05  # steps between those checkpoints, as a share of the run
+    score_tokens: int = 0  # validation tokens each score evaluation reads (0: the whole split)
 
     def set(self, key: str, text: str) -> None:
         """``--set key=value``: typed and strict like every other config in the project."""
