@@ -318,3 +318,17 @@ def test_smoke_budget_runs_the_whole_pipeline(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(argv) == 0  # a rerun skips every finished run
     assert "14 finished earlier, 0 to run" in capsys.readouterr().out
+
+
+def test_demo_prints_the_committed_verdict_or_says_there_is_none(tmp_path):
+    from scalevec.demo import committed_verdict
+
+    assert committed_verdict(tmp_path).startswith("no committed verdict")
+    (tmp_path / "unified").mkdir()
+    row = {"claim": "Unified lowers the loss", "group": "pooled over 2 groups (random effects) · own optimum",
+           "delta": -0.012, "ci95": [-0.02, -0.004], "p": 0.001, "p_holm": 0.004, "verdict": "SUPPORTED"}
+    other = {**row, "group": "dense/adamw/cosine 33k · same LR", "verdict": "NOT RESOLVED"}
+    (tmp_path / "unified" / "results.json").write_text(json.dumps(
+        {"budget": "cpu", "regime": {}, "claims": [other, row]}))
+    text = committed_verdict(tmp_path)
+    assert text.startswith("SUPPORTED: unified − baseline = -0.0120, 95% CI [-0.0200, -0.0040]") and "cpu" in text

@@ -231,6 +231,8 @@ def test_demo_compares_reuses_and_names_what_changed(tmp_path, capsys):
     fast = ["train.batch_size=4", "train.seq_len=32", "train.progress=false", "train.eval_every=5",
             "train.log_every=2", "train.compile=false", "data.val_tokens=4096"]
     assert run_demo(tmp_path, fast, steps=6) == 0
+    out = capsys.readouterr().out
+    assert "NOT A VERDICT" in out and "Committed verdict of the unified study" in out and "nats/byte" in out
     table = (tmp_path / "demo.txt").read_text()
     assert "baseline" in table and "unified" in table and (tmp_path / "loss.png").stat().st_size > 1000
     tps = steady_tok_per_s(tmp_path / "unified")  # the windows after the first one (steps 4 and 6)

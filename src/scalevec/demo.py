@@ -1,4 +1,9 @@
-"""``scalevec demo``: baseline vs unified on the tiny preset, same data and tokens, side by side."""
+"""``scalevec demo``: baseline vs unified on the tiny preset, same data and tokens, side by side.
+
+One seed of early training: its difference is an illustration, not a verdict, so the output says so and
+prints the committed verdict of the unified study (``docs/results/unified/results.json``) beside it, and the
+loss in nats per byte beside nats per token (a BPE token spans several bytes; studies run byte-level).
+"""
 
 from __future__ import annotations
 
@@ -80,23 +85,70 @@ def plot(out: Path, runs: dict[str, Path]) -> Path:
     return path
 
 
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+def bytes_per_token(run_dir: Path) -> float | None:
+    """UTF-8 bytes per token of the validation slice the run evaluates on (its end-of-text ids left out)."""
+    from scalevec.data import load_tokenizer, read_shard, resolve_data
+
+    cfg = load_config(run_dir / "config.toml")
+    spec = resolve_data(cfg.data)
+    if spec.tokenizer_dir is None:
+        return None
+    ids = [int(i) for i in read_shard(spec.val_files[0])[: cfg.data.val_tokens] if int(i) != spec.eot_id]
+    text = load_tokenizer(spec.tokenizer_dir).decode(ids)
+    return len(text.encode("utf-8")) / max(1, len(ids))
+
+
+def committed_verdict(results: Path = RESULTS) -> str:
+    """The unified study's committed verdict: its pooled (else first) claim at each arm's own optimum."""
+    path = results / "unified" / "results.json"
+    if not path.is_file():
+        return "no committed verdict (docs/results/unified/results.json is not in this checkout)"
+    res = json.loads(path.read_text())
+    claims = res.get("claims", [])
+    if not claims:
+        return f"no verdict in {path}"
+    pick = next((c for c in claims if c["group"].startswith("pooled") and "own optimum" in c["group"]),
+                next((c for c in claims if c["group"] == "pooled"), claims[0]))
+    verdict = pick["verdict"].split(" (")[0].upper()
+    delta = pick.get("delta", pick.get("mean"))
+    ci = pick.get("ci95")
+    where = f"{res.get('budget', '?')} budget, {pick['group']}"
+    text = f"{verdict}: unified − baseline = {delta:+.4f}" if delta is not None else verdict
+    text += f", 95% CI [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci and None not in ci else ""
+    old = "" if "regime" in res else "; from the earlier study design (untuned LRs, no null arm)"
+    return f"{text} ({where}{old}; {path})"
+
+
 def run_demo(out: Path, overrides: list[str], steps: int | None = None) -> int:
     if steps is not None:
         overrides = [*overrides, f"train.steps={steps}"]
     summaries = {s: _run(out, s, overrides) for s in STRATEGIES}
     png = plot(out, {s: out / s for s in STRATEGIES})
     base = summaries["baseline"]["final_val_loss"]
-    header = (f"{'strategy':<10} {'val loss':>9} {'Δ vs base':>10} {'tok/s':>8} {'wall s':>7} {'params':>10} "
-              f"{'scale-vec':>10} {'tokens':>10}")
+    bpt = bytes_per_token(out / "baseline")
+    header = (f"{'strategy':<10} {'nats/tok':>9} {'nats/byte':>10} {'Δ nats/tok':>11} {'tok/s':>8} {'wall s':>7} "
+              f"{'params':>10} {'scale-vec':>10} {'tokens':>10}")
     lines = [header]
     for s, r in summaries.items():
         tps = steady_tok_per_s(out / s) or r["tok_per_s"]
-        lines.append(f"{s:<10} {r['final_val_loss']:>9.4f} {r['final_val_loss'] - base:>+10.4f} {tps:>8,.0f} "
-                     f"{r['wall_s']:>7.0f} {r['params']:>10,} {r['scale_vector_params']:>10,} {r['tokens']:>10,}")
+        per_byte = f"{r['final_val_loss'] / bpt:>10.4f}" if bpt else f"{'—':>10}"
+        lines.append(f"{s:<10} {r['final_val_loss']:>9.4f} {per_byte} {r['final_val_loss'] - base:>+11.4f} "
+                     f"{tps:>8,.0f} {r['wall_s']:>7.0f} {r['params']:>10,} {r['scale_vector_params']:>10,} "
+                     f"{r['tokens']:>10,}")
     table = "\n".join(lines)
-    print("\n" + table + f"\n\ntok/s: median training throughput of the logging windows after the first (compilation and "
-          "evaluation pauses left out; one run each: `benchmarks/overhead.py` measures a strategy's cost); "
-          f"wall s: the whole run\nloss curves: {png}\n"
-          "(one seed: see `scalevec study` for seeds, spread and significance)")
+    n = summaries["baseline"].get("non_embedding_params") or 1
+    print("\n" + table + "\n\n"
+          f"What this number is: ONE seed, early training ({summaries['baseline']['tokens'] / n:.1f} tokens per "
+          "non-embedding parameter), one learning rate for both: an illustration, NOT A VERDICT. Early leads "
+          "often shrink or flip with more tokens, other seeds or each arm's own best LR.\n"
+          f"Committed verdict of the unified study: {committed_verdict()}\n"
+          "(`scalevec study unified` measures it: tuned LRs, a null arm, several seeds; docs/studies.md)\n\n"
+          "nats/byte: nats/token divided by the validation slice's UTF-8 bytes per token"
+          + (f" ({bpt:.2f})" if bpt else "") + "; tok/s: median training throughput of the logging windows "
+          "after the first (compilation and evaluation left out; `benchmarks/overhead.py` measures a "
+          f"strategy's cost); wall s: the whole run\nloss curves: {png}")
     (out / "demo.txt").write_text(table + "\n")
     return 0

@@ -76,7 +76,7 @@ def plot_deltas(rows: list[dict], path: Path, title: str) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.32 * len(rows)))
+    fig, ax = plt.subplots(figsize=(9.5, 1.6 + 0.34 * len(rows)))
     for i, r in enumerate(rows):
         lo, hi = r["ci95"]
         color = {"SUPPORTED": "C2", "CONTRADICTED": "C3", "BOUNDED": "C0"}.get(r["verdict"], "0.4")

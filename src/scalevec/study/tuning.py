@@ -76,8 +76,10 @@ def fit_optimum(losses: dict[tuple[float, int], float], seed: int = 0) -> Optimu
         return None
     lrs, _, m = table(losses)
     m = _complete(m)
-    if len(m) == 0 or len(lrs) < 2:
+    if len(m) == 0:
         return None
+    if len(lrs) == 1:  # a single point is its own optimum, with nothing to say about the edge
+        return Optimum(float(lrs[0]), math.nan, math.nan, False, lrs.tolist(), len(m))
     x = np.log(lrs)
     mean = np.where(np.isinf(m).any(0), math.inf, m.mean(0) if len(m) else math.nan)
     v, inside = _vertex(x, np.where(np.isinf(mean), np.nan, mean))
