@@ -99,8 +99,12 @@ def test_unified_ladder_spans_4x_and_budgets_stage_uses_the_fitted_optimum():
     budgets = STUDIES["unified"].stages[1][1](k, lookup)
     assert {sp.coords["ratio"] for sp in budgets if sp.coords["strategy"] == "baseline"} == set(k.token_ratios)
     assert all(float(sp.overrides["optim.lr"]) == pytest.approx(2 * k.lr, rel=1e-6) for sp in budgets)
-    steps = {sp.coords["ratio"]: int(sp.overrides["train.steps"]) for sp in budgets if sp.coords["size"] == "33k"}
+    small = k.setup_sizes[k.setups[0]][0]
+    steps = {sp.coords["ratio"]: int(sp.overrides["train.steps"]) for sp in budgets
+             if sp.coords["size"] == small and sp.coords["strategy"] == "baseline"}
     assert steps[1.5] == pytest.approx(1.5 * steps[1.0], rel=0.1)
+    ones = {sp.key for sp in budgets if sp.coords["ratio"] == 1.0}
+    assert ones and ones <= {sp.key for sp in grid}  # ratio 1 is the grid run itself, not trained again
 
 
 def test_knobs_are_typed_and_strict():
@@ -202,18 +206,28 @@ def test_quadratic_optimum_and_token_multiplier_recover_known_values():
 
 
 def test_time_estimate_calibrates_on_finished_runs(tmp_path):
-    truth = TimeModel(20.0, 5e-6, 1e-10, "")
-    for i, (tokens, n) in enumerate([(1e6, 3e4), (2e6, 7e4), (4e6, 1.3e5), (4e6, 2e5), (1e6, 1.3e5), (3e6, 3e4)]):
+    truth = TimeModel(warm=10.0, cold=10.0, a=5e-6, b=1e-10, source="")
+    shapes = [(1e6, 3e4), (2e6, 7e4), (4e6, 1.3e5), (4e6, 2e5), (1e6, 1.3e5), (3e6, 3e4)]
+    for i, (tokens, n) in enumerate(shapes):
         d = tmp_path / "runs" / f"r{i}"
         d.mkdir(parents=True)
-        (d / "summary.json").write_text(json.dumps({"tokens": tokens, "non_embedding_params": n, "wall_s": 0}))
-        (d / "resources.json").write_text(json.dumps({"process_s": truth.seconds(tokens, n)}))
-        (d / "score.json").write_text(json.dumps({"evals": [], "eval_tokens": 0, "score_s": 0.0}))
+        first = {"step": 10, "tokens": 40960, "tok_per_s": 40960 / truth.warm}
+        (d / "metrics.jsonl").write_text(json.dumps(first) + "\n")
+        (d / "summary.json").write_text(json.dumps({"tokens": tokens + 40960, "non_embedding_params": n,
+                                                    "wall_s": 0}))
+        (d / "resources.json").write_text(json.dumps({"runner_s": truth.seconds(tokens, n)}))
+        (d / "score.json").write_text(json.dumps({"evals": [], "eval_tokens": 0}))
     model = calibrate(tmp_path)
-    assert "calibrated on 6" in model.source
+    assert "calibrated on 6" in model.source and model.warm == pytest.approx(truth.warm)
     for tokens, n in ((5e6, 1e5), (5e5, 4e4)):
         assert model.seconds(tokens, n) == pytest.approx(truth.seconds(tokens, n), rel=0.01)
     assert "measured defaults" in calibrate(tmp_path / "empty").source
+    # a study's first run of each graph compiles cold, the rest warm
+    from scalevec.study.estimate import study_seconds
+
+    specs = specs_of("necessity", "smoke")
+    cold = TimeModel(warm=0.0, cold=100.0, a=0.0, b=0.0, source="")
+    assert study_seconds(specs, cold) == pytest.approx(200.0)  # two graphs: baseline (and its null), no_scale
 
 
 # ----------------------------------------------------------------------------------------------------- report
@@ -265,7 +279,8 @@ def test_report_fields_from_fake_unified_runs(tmp_path):
             for arm, ratio in (("baseline", 1.0), ("baseline", 1.25), ("baseline", 1.5), ("unified", 1.0)):
                 c = {"setup": setup, "size": size, "ratio": ratio, "strategy": arm, "n_params": n}
                 loss = 2.0 + noise - 0.1 * math.log2(ratio) - (0.02 if arm == "unified" else 0)
-                add(RunSpec(f"{arm} ×{ratio}", f"{group} budgets", seed, {"r": str(ratio), "s": arm, "z": size},
+                add(RunSpec(f"{arm} ×{ratio}", f"{group} budgets", seed,
+                            {"r": str(ratio), "s": arm, "z": size, "train.steps": str(int(40 * ratio))},
                             None, "budget", c), loss, n_params=n, tokens=int(1e5 * ratio))
     study = tmp_path / "unified"
     study.mkdir()

@@ -3,8 +3,8 @@ arms, a null arm, scores on the whole validation split, at least 20 tokens per p
 chooses the shapes, seeds and batch that fit its time.
 
 - ``cpu``: 2 cores, two single-threaded runs at once, each study within 90 minutes.
-- ``gpu``: one H100 within 8 minutes per study; the byte-level Shakespeare shards (about 10 MiB) travel with
-  the command.
+- ``gpu``: one H100, sized for 8 minutes per study, many runs at once; the byte-level Shakespeare shards
+  (about 10 MiB) travel with the command (``data.train_bin`` / ``data.val_bin``: docs/studies.md). Not run yet.
 - ``smoke``: the whole pipeline on toy shapes in about a minute (the end-to-end test).
 
 Tokenizer: byte-level in every budget, so a loss is in nats per byte (= nats per token) and comparable across
@@ -22,7 +22,8 @@ _SCHEDULE = ["schedule.warmup=0.05", "schedule.min_lr_ratio=0.01", "schedule.dec
 
 BASE = {
     "cpu": ["model.preset=tiny", "data.tokenizer=byte", "train.batch_size=32", "train.seq_len=128",
-            "train.precision=bf16", "optim.name=adamw", "schedule.name=cosine", *_SCHEDULE],
+            "train.precision=bf16", "optim.name=adamw", "schedule.name=cosine", "data.val_tokens=16384",
+            *_SCHEDULE],
     "gpu": ["model.preset=tiny", "data.tokenizer=byte", "train.batch_size=64", "train.seq_len=256",
             "train.precision=bf16", "optim.name=adamw", "schedule.name=cosine", *_SCHEDULE],
     "smoke": ["model.preset=tiny", "data.tokenizer=byte", "train.batch_size=4", "train.seq_len=32",
@@ -38,26 +39,27 @@ def _shape(d: int, layers: int, ff: int, heads: int = 4) -> list[str]:
 
 # Rungs named by their non-embedding parameters (dense Llama style; see `scalevec info`).
 LADDERS = {
-    "cpu": {"33k": _shape(32, 2, 128), "74k": _shape(48, 2, 192), "131k": _shape(64, 2, 256),
-            "197k": _shape(64, 3, 256)},
+    "cpu": {"27k": _shape(32, 2, 96), "33k": _shape(32, 2, 128), "74k": _shape(48, 2, 192),
+            "131k": _shape(64, 2, 256), "197k": _shape(64, 3, 256)},
     "gpu": {"74k": _shape(48, 2, 192), "197k": _shape(64, 3, 256), "443k": _shape(96, 3, 384)},
     "smoke": {"a": _shape(16, 1, 32, 2), "b": _shape(24, 1, 48, 2), "c": _shape(32, 2, 64, 2)},
 }
 
-_UNIFIED_SETUPS = ["dense/adamw/cosine", "moe/adamw/cosine", "dense/muon/cosine", "dense/adamw/wsd"]
+# dense and MoE, AdamW and Muon, cosine and WSD: the paper's Muon + WSD claim is its own setup
+_UNIFIED_SETUPS = ["dense/adamw/cosine", "moe/adamw/cosine", "dense/muon/wsd"]
 
 BUDGETS: dict[str, dict[str, dict]] = {
     "cpu": {
-        "_all": {"shape": "131k", "lr": 4e-3},
-        "necessity": {"seeds": 4, "tokens_per_param": 30.0},
-        "weight-decay": {"seeds": 4, "tokens_per_param": 30.0},
-        "improvements": {"seeds": 3, "tokens_per_param": 30.0},
+        "_all": {"shape": "74k", "lr": 4e-3},
+        "necessity": {"seeds": 6, "tokens_per_param": 30.0},
+        "weight-decay": {"seeds": 5, "tokens_per_param": 30.0},
+        "improvements": {"seeds": 4, "tokens_per_param": 30.0},
         "unified": {
             "seeds": 3,
             "tokens_per_param": 20.0,
             "setups": _UNIFIED_SETUPS,
-            "setup_sizes": {"dense/adamw/cosine": ["33k", "74k", "197k"], "moe/adamw/cosine": ["33k", "74k"],
-                            "dense/muon/cosine": ["33k", "74k"], "dense/adamw/wsd": ["33k", "74k"]},
+            "setup_sizes": {"dense/adamw/cosine": ["27k", "74k", "131k"], "moe/adamw/cosine": ["27k"],
+                            "dense/muon/wsd": ["27k"]},
         },
         "lr-sweep": {"sweep_seeds": 1, "tokens_per_param": 30.0,
                      "strategies": ["baseline", "no_scale", "hg", "dp", "dnp", "or", "er", "unified"]},
@@ -65,13 +67,14 @@ BUDGETS: dict[str, dict[str, dict]] = {
     "gpu": {
         "_all": {"shape": "443k", "lr": 3e-3},
         "necessity": {"seeds": 8, "tokens_per_param": 30.0},
-        "weight-decay": {"seeds": 8, "tokens_per_param": 30.0},
-        "improvements": {"seeds": 6, "tokens_per_param": 30.0},
+        "weight-decay": {"seeds": 6, "tokens_per_param": 30.0},
+        "improvements": {"seeds": 4, "tokens_per_param": 30.0},
         "unified": {
-            "seeds": 6,
+            "seeds": 4,
             "tokens_per_param": 20.0,
-            "setups": [*_UNIFIED_SETUPS, "dense/muon/wsd"],
-            "setup_sizes": {"dense/adamw/cosine": ["74k", "197k", "443k"]},
+            "setups": _UNIFIED_SETUPS,
+            "setup_sizes": {"dense/adamw/cosine": ["74k", "197k", "443k"], "moe/adamw/cosine": ["74k"],
+                            "dense/muon/wsd": ["74k"]},
             "moe": ["model.moe.num_experts=8", "model.moe.top_k=2"],
         },
         "lr-sweep": {"sweep_seeds": 2, "tokens_per_param": 30.0,
@@ -89,7 +92,7 @@ BUDGETS: dict[str, dict[str, dict]] = {
     },
 }
 
-JOBS = {"cpu": 2, "gpu": 6, "smoke": 2}
+JOBS = {"cpu": 2, "gpu": 12, "smoke": 2}  # gpu: tiny models leave an H100 idle between one run's kernels
 
 
 def knobs_for(study: str, budget: str) -> Knobs:

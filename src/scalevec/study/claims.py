@@ -56,11 +56,15 @@ def _row(claim, group: str, pr: stats.Paired, bound: float, **extra) -> dict:
 def claim_rows(study: Study, runs: list[Run]) -> tuple[list[dict], dict]:
     """Every (claim, group, mode) row with its verdict, and the per-group optima and noise."""
     rows: list[dict] = []
-    detail: dict = {}
     groups = grid_groups(runs)
+    fits = {g: optima(rs) for g, rs in groups.items()}
+    detail = {g: {"optima": {a: o.as_dict() for a, o in fits[g].items()}, "noise": noise(rs)}
+              for g, rs in groups.items()}
+    floor = study_noise(detail)  # for groups without a null arm of their own
     for g, rs in groups.items():
-        opt, nz = optima(rs), noise(rs)
-        detail[g] = {"optima": {a: o.as_dict() for a, o in opt.items()}, "noise": nz}
+        opt, nz = fits[g], detail[g]["noise"]
+        if nz.get("null_sd") is None:
+            nz = {"n": floor["seeds"], "null_sd": floor["null_sd"], "mde": floor["mde"], "pooled": True}
         base = rs[0].spec.baseline
         for c in study.claims:
             if c.arm not in opt or c.ref not in opt or base not in opt:
@@ -69,7 +73,8 @@ def claim_rows(study: Study, runs: list[Run]) -> tuple[list[dict], dict]:
                 lr_arm = opt[c.arm].lr if mode == MODES[0] else opt[base].lr
                 lr_ref = opt[c.ref].lr if mode == MODES[0] else opt[base].lr
                 pr = stats.paired(loss_at(grid(rs, c.arm), lr_arm), loss_at(grid(rs, c.ref), lr_ref))
-                rows.append(_row(c, f"{g} · {mode}", pr, nz["mde"] if nz["mde"] is not None else math.nan,
+                mde = nz["mde"] if nz["mde"] is not None and math.isfinite(nz["mde"]) else math.nan
+                rows.append(_row(c, f"{g} · {mode}", pr, mde,
                                  mode=mode, at={c.arm: lr_arm, c.ref: lr_ref}, null_se=_null_se(nz)))
     for c in study.claims:  # across groups: random effects, never one pooled sample
         for mode in MODES:
@@ -99,9 +104,9 @@ def _null_se(nz: dict) -> float:
 
 def study_noise(detail: dict) -> dict:
     """One noise floor for the study: the null arms' variances pooled over groups."""
-    sds = [d["noise"]["null_sd"] for d in detail.values() if d["noise"].get("null_sd") is not None
+    own = [d["noise"] for d in detail.values() if d["noise"].get("null_sd") is not None
            and math.isfinite(d["noise"]["null_sd"])]
-    ns = [d["noise"]["n"] for d in detail.values() if d["noise"].get("null_sd") is not None]
+    sds, ns = [nz["null_sd"] for nz in own], [nz["n"] for nz in own]
     sd = math.sqrt(float(np.mean(np.square(sds)))) if sds else math.nan
     n = min(ns) if ns else 0
     return {"null_sd": sd, "mde": stats.mde(sd, n), "units": UNITS, "seeds": n, "alpha": stats.ALPHA,
@@ -136,11 +141,12 @@ def multipliers(runs: list[Run]) -> list[dict]:
             continue
         base: dict[float, dict[int, float]] = defaultdict(dict)
         arm: dict[int, float] = {}
+        steps = {r.spec.coords["ratio"]: int(r.spec.overrides["train.steps"]) for r in rs}
         for r in rs:
             if r.loss is None:
                 continue
-            if r.spec.coords["strategy"] == "baseline":
-                base[r.spec.coords["ratio"]][r.spec.seed] = r.loss
+            if r.spec.coords["strategy"] == "baseline":  # the ratio actually trained (steps are rounded)
+                base[steps[r.spec.coords["ratio"]] / steps[1.0]][r.spec.seed] = r.loss
             elif r.spec.coords["ratio"] == 1.0:
                 arm[r.spec.seed] = r.loss
         m = token_multiplier(dict(base), arm)

@@ -122,8 +122,9 @@ def centre(k: Knobs, strategy: str) -> float:
 
 def tuned_group(k: Knobs, group: str, arms: dict[str, dict[str, str]], model: dict[str, str], steps: int,
                 baseline: str = "baseline", muon: bool = False, coords: dict | None = None,
-                per_lr: Callable[[float], dict[str, str]] | None = None) -> list[RunSpec]:
-    """Every arm on its grid (every seed at every point) plus the null arm at the baseline's grid centre.
+                per_lr: Callable[[float], dict[str, str]] | None = None, null: bool = True) -> list[RunSpec]:
+    """Every arm on its grid (every seed at every point) plus, with ``null``, the null arm at the baseline's
+    grid centre.
 
     AdamW: the grid is the peak LR, ``centre × lr_factors``. Muon: the gains' LR multiplier
     (``optim.lr_mult``, ``gain_lr_mult × gain_mult_factors``), the matrices at the budget's Muon LR."""
@@ -145,7 +146,7 @@ def tuned_group(k: Knobs, group: str, arms: dict[str, dict[str, str]], model: di
             point = {**base_ov, **ov, **tuned}
             info = {**(coords or {}), "x": x, "axis": "gain lr mult" if muon else "lr", "strategy": strategy}
             specs += [RunSpec(arm, group, s, point, baseline, "grid", info) for s in range(k.seeds)]
-            if arm == baseline and math.isclose(f, 1.0):
+            if null and arm == baseline and math.isclose(f, 1.0):
                 specs += [RunSpec(NULL, group, s, point, baseline, "grid", {**info, "null": True},
                                   init_seed=s + k.null_init_offset) for s in range(k.seeds)]
     return specs
@@ -226,14 +227,16 @@ def unified_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
         tps = int(kv(k.base).get("train.batch_size", 16)) * int(kv(k.base).get("train.seq_len", 128))
         coords = {"setup": setup, "size": size, "n_params": n, "tokens": steps * tps, "ratio": 1.0}
         arms = {s: {"scale.strategy": s} for s in ("baseline", "unified")}
+        # the null arm sits in the first setup's groups; the other setups' claims use the study's pooled floor
         specs += tuned_group(k, f"{setup} {size}", arms, model, steps, muon=model["optim.name"] == "muon",
-                             coords=coords)
+                             coords=coords, null=setup == k.setups[0])
     return specs
 
 
 def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
-    """The first setup's rungs again at each arm's fitted optimum: the baseline at every token ratio (a
-    schedule of its own each), unified at ratio 1; the compute multiplier reads these."""
+    """The first setup's rungs at each arm's grid point nearest its fitted optimum: the baseline at every token
+    ratio (a schedule of its own each), unified at ratio 1 (both ratio-1 runs are grid runs, shared, not
+    retrained); the compute multiplier reads these."""
     grid = unified_main(k, lookup)
     setup = k.setups[0]
     specs: list[RunSpec] = []
@@ -246,12 +249,14 @@ def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
             opt = fit_optimum(grid_losses(here, lookup, arm))
             if opt is None:
                 raise ConfigError(f"unified: no finished grid runs of {arm} in {group} to fit its optimum")
+            points = [sp for sp in here if sp.arm == arm]
+            x = min({sp.coords["x"] for sp in points}, key=lambda v: abs(math.log(v / opt.lr)))
             for r in ratios:
                 steps, n = run_length(k, model, r)
-                ov = {**common(k, steps), **model, "scale.strategy": arm, "optim.lr": repr(opt.lr)}
-                coords = {"setup": setup, "size": size, "n_params": n, "ratio": r, "lr": opt.lr, "strategy": arm}
-                specs += [RunSpec(f"{arm} ×{r:g}", f"{group} budgets", sd, ov, None, "budget", coords)
-                          for sd in range(k.seeds)]
+                for src in (sp for sp in points if sp.coords["x"] == x):
+                    ov = {**src.overrides, **common(k, steps)}
+                    coords = {"setup": setup, "size": size, "n_params": n, "ratio": r, "lr": x, "strategy": arm}
+                    specs.append(RunSpec(f"{arm} ×{r:g}", f"{group} budgets", src.seed, ov, None, "budget", coords))
     return specs
 
 

@@ -99,6 +99,9 @@ class Runner:
             dt = time.perf_counter() - t0
         finally:
             (d / "study.lock").unlink(missing_ok=True)
+        res = d / "resources.json"
+        if rc == 0 and res.is_file():  # the whole process, start and scoring included: the time estimate's unit
+            res.write_text(json.dumps({**json.loads(res.read_text()), "runner_s": dt}, indent=1))
         if rc != 0:
             tail = (d / "study.log").read_text().strip().splitlines()[-1:] or [""]
             kind = DIVERGED if "non-finite" in tail[0] else "failed"
@@ -191,13 +194,15 @@ def run_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     specs: list[RunSpec] = []
     t0 = time.perf_counter()
+    estimate = 0.0
     for i, (stage_name, stage) in enumerate(study.stages):
         stage_specs = stage(knobs, _assumed if dry_run and i else runner.lookup)
+        earlier = {sp.key for sp in specs}
         specs += stage_specs
         runner.log(f"{study.name}/{stage_name}: {len(stage_specs)} runs"
                    + (" (counted as if every grid were finished)" if dry_run and i else ""))
         if dry_run:
-            _describe(stage_specs, runner)
+            estimate += _describe([sp for sp in stage_specs if sp.key not in earlier], runner, budget)
             continue
         write_manifest(study_dir, manifest(study.name, budget, knobs, runner, specs, command))
         runner.execute(stage_specs)
@@ -207,6 +212,8 @@ def run_study(
     if sweep and not dry_run:
         best = best_lrs(sweep, runner.lookup)
         (study_dir / "best_lr.json").write_text(json.dumps(best, indent=1))
+    if dry_run and math.isfinite(estimate):
+        runner.log(f"{study.name}: about {estimate / 60:.0f} min in all")
     if not dry_run:
         runner.log(f"{study.name}: done in {time.perf_counter() - t0:.0f} s; `scalevec report {study_dir}`")
     return study_dir
@@ -217,18 +224,25 @@ def _assumed(spec: RunSpec) -> float:
     return 2.0 + math.log(spec.coords.get("x", 1.0)) ** 2
 
 
-def _describe(specs: list[RunSpec], runner: Runner) -> None:
-    from scalevec.study.estimate import calibrate, run_seconds
+def _describe(specs: list[RunSpec], runner: Runner, budget: str) -> float:
+    """Print a stage's grid and estimate; returns the estimated wall seconds (NaN without a time model)."""
+    from scalevec.study.estimate import DEFAULTS, calibrate, study_seconds
 
     unique = list({sp.key: sp for sp in specs}.values())
     todo = [sp for sp in unique if runner.status(sp) != "done"]
-    model = calibrate(runner.out)
-    seconds = sum(run_seconds(sp, model) for sp in todo)
+    model = calibrate(runner.out, default=DEFAULTS.get(budget))
     tokens = sum(int(sp.overrides.get("train.steps", 0)) * int(sp.overrides.get("train.batch_size", 16))
                  * int(sp.overrides.get("train.seq_len", 128)) for sp in unique)
-    runner.log(f"  {len(unique)} distinct runs ({len(todo)} not finished), {tokens / 1e6:.1f}M training tokens; "
-               f"about {seconds / runner.jobs / 60:.0f} min with {runner.jobs} at a time ({model.source})")
+    head = f"  {len(unique)} distinct runs ({len(todo)} not finished), {tokens / 1e6:.1f}M training tokens"
+    if model is None:
+        runner.log(f"{head}; no time estimate: the {budget} budget has no measured runs yet (one appears once "
+                   f"6 runs have finished in {runner.out})")
+        seconds = math.nan
+    else:
+        seconds = study_seconds(todo, model) / runner.jobs
+        runner.log(f"{head}; about {seconds / 60:.0f} min with {runner.jobs} at a time ({model.source})")
     for sp in unique[:12]:
         runner.log(f"    {sp.group:<30} {sp.arm:<22} seed {sp.seed}  {sp.key}")
     if len(unique) > 12:
         runner.log(f"    ... and {len(unique) - 12} more")
+    return seconds
