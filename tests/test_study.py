@@ -170,7 +170,9 @@ def test_paired_ci_mde_holm_and_verdicts():
 
 def test_random_effects_pooling_reports_heterogeneity():
     same = stats.random_effects([-0.01, -0.011, -0.009], [0.002, 0.002, 0.002])
-    assert same.tau2 == 0 and same.i2 == 0 and same.mean == pytest.approx(-0.01) and same.p < 0.001
+    assert same.tau2 == 0 and same.i2 == 0 and same.mean == pytest.approx(-0.01) and same.p < 0.05
+    half = sps.t.ppf(0.975, 2) * math.sqrt(0.002**2 / 3)  # HKSJ: t with k-1 df, never narrower than DL
+    assert (same.lo, same.hi) == pytest.approx((-0.01 - half, -0.01 + half))
     mixed = stats.random_effects([-0.05, 0.0, 0.05], [0.002, 0.002, 0.002])
     assert mixed.tau2 > 0.001 and mixed.i2 > 0.9 and mixed.p > 0.05  # fixed-effect pooling would be wrong here
     w = 1 / 0.002**2

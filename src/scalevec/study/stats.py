@@ -113,7 +113,8 @@ class Pooled:
 
 
 def random_effects(means: list[float], ses: list[float]) -> Pooled:
-    """DerSimonian–Laird random-effects pooling of per-group effects with standard errors ``ses``."""
+    """DerSimonian–Laird random-effects pooling of per-group effects with standard errors ``ses``, its
+    interval and p from the (modified) Hartung–Knapp–Sidik–Jonkman t statistic."""
     y, se = np.asarray(means, float), np.asarray(ses, float)
     keep = np.isfinite(y) & np.isfinite(se) & (se > 0)
     y, v = y[keep], se[keep] ** 2
@@ -127,11 +128,14 @@ def random_effects(means: list[float], ses: list[float]) -> Pooled:
     tau2 = max(0.0, (q - (k - 1)) / c) if c > 0 else 0.0
     ws = 1 / (v + tau2)
     mean = float((ws * y).sum() / ws.sum())
-    se_pooled = math.sqrt(1 / float(ws.sum()))
-    z = float(sps.norm.ppf(1 - ALPHA / 2))
-    p = float(2 * sps.norm.sf(abs(mean) / se_pooled))
+    # Hartung–Knapp–Sidik–Jonkman: a t_{k−1} interval on a rescaled variance, never narrower than DL's own,
+    # since a few groups with few seeds each estimate their standard errors poorly.
+    hk = float((ws * (y - mean) ** 2).sum() / ((k - 1) * ws.sum()))
+    se_pooled = math.sqrt(max(1 / float(ws.sum()), hk))
+    t = float(sps.t.ppf(1 - ALPHA / 2, k - 1))
+    p = float(2 * sps.t.sf(abs(mean) / se_pooled, k - 1))
     i2 = max(0.0, (q - (k - 1)) / q) if q > 0 else 0.0
-    return Pooled(k, mean, mean - z * se_pooled, mean + z * se_pooled, p, tau2, i2, q)
+    return Pooled(k, mean, mean - t * se_pooled, mean + t * se_pooled, p, tau2, i2, q)
 
 
 def verdict(mean: float, lo: float, hi: float, p_holm: float, sign: int, bound: float) -> str:

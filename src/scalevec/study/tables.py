@@ -24,10 +24,10 @@ def pv(p: float | None) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def ci(c: list | None, nd: int = 4) -> str:
+def ci(c: list | None, nd: int = 4, sign: bool = True) -> str:
     if not c or c[0] is None or not all(math.isfinite(x) for x in c):
         return "—"
-    return f"[{c[0]:+.{nd}f}, {c[1]:+.{nd}f}]"
+    return f"[{c[0]:+.{nd}f}, {c[1]:+.{nd}f}]" if sign else f"[{c[0]:.{nd}f}, {c[1]:.{nd}f}]"
 
 
 def claims_table(rows: list[dict]) -> list[str]:
@@ -77,8 +77,8 @@ def multiplier_lines(mult: list[dict]) -> list[str]:
              "| rung | N | multiplier | 95% CI | baseline ratios |", "|---|---|---|---|---|"]
     for m in mult:
         val = f"{m['value']:.3f}×" if m["value"] is not None else f"outside the range ({m['bound']})"
-        lines.append(f"| {m['rung']} | {m.get('n_params') or '—'} | {val} | {ci(m['ci95'], 3)} | "
-                     f"{', '.join(f'{r:g}' for r in m['ratios'])} |")
+        lines.append(f"| {m['rung']} | {m.get('n_params') or '—'} | {val} | {ci(m['ci95'], 3, sign=False)} | "
+                     f"{', '.join(f'{r:.3g}' for r in m['ratios'])} |")
     return [*lines, "", "![loss vs compute](loss_vs_compute.png)", ""]
 
 
