@@ -308,7 +308,8 @@ STUDIES: dict[str, Study] = {
         "unified", "baseline vs unified (HG + DNP + OR + IWD) over a size ladder; dense and MoE, AdamW and "
                    "Muon, cosine and WSD; compute multiplier from the baseline at 1–1.5× the tokens",
         [("grid", unified_main), ("budgets", unified_budgets)],
-        [Claim("Unified lowers the loss", "unified", "baseline", -1, "−0.016 to −0.019 (Muon+WSD, 0.5B)")]),
+        [Claim("Unified lowers the loss", "unified", "baseline", -1,
+               "lower at 0.12B–2B; 1.22–1.25× compute; a further −0.016 to −0.019 with Muon+WSD at 0.5B")]),
     "lr-sweep": Study(
         "lr-sweep", "pilot: peak LR per strategy on a wide log grid; writes best_lr.json, the centre of every "
                     "arm's grid under `--lr-from`", [("sweep", lr_sweep_main)]),

@@ -58,13 +58,15 @@ def optima_table(group: str, detail: dict, runs: list[Run]) -> list[str]:
 
 def regime_lines(reg: dict, noise: dict) -> list[str]:
     ns = ", ".join(f"{n / 1e3:.0f}k" for n in reg["non_embedding_params"]) or "—"
-    return [(f"- Non-embedding parameters: {ns}; at least **{f(reg['tokens_per_param'], 1)} tokens per parameter**; "
-            f"at most {f(reg['epochs'], 2)} epochs of the train split."),
-            (f"- Score: mean of the last evaluations, each over the whole validation split ({reg['eval_tokens'] or '—'} "
-            f"tokens); units: {noise['units']}."),
-            (f"- Noise floor (null arms, pooled): sd {f(noise['null_sd'])} of a paired difference; MDE "
-            f"{f(noise['mde'])} at p < {noise['alpha']} with {noise['power']:.0%} power for {noise['seeds']} seeds."),
-            ""]
+    lines = [(f"- Non-embedding parameters: {ns}; at least **{f(reg['tokens_per_param'], 1)} tokens per parameter**; "
+             f"at most {f(reg['epochs'], 2)} epochs of the train split."),
+             (f"- Score: mean of the last evaluations, each over the validation split ({reg['eval_tokens'] or '—'} "
+             f"tokens evaluated); units: {noise['units']}.")]
+    if noise.get("null_sd") is not None and math.isfinite(noise["null_sd"]):
+        lines.append(f"- Noise floor (null arms, pooled): sd {f(noise['null_sd'])} of a paired difference; MDE "
+                     f"{f(noise['mde'])} at p < {noise['alpha']} with {noise['power']:.0%} power for "
+                     f"{noise['seeds']} seeds.")
+    return [*lines, ""]
 
 
 def multiplier_lines(mult: list[dict]) -> list[str]:
