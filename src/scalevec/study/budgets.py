@@ -3,9 +3,9 @@ arms, a null arm, scores on the whole validation split, at least 20 tokens per p
 chooses the shapes, seeds and batch that fit its time.
 
 - ``cpu``: 2 cores, two single-threaded runs at once, each study within 90 minutes.
-- ``gpu``: one H100, sized for 8 minutes per study, many runs at once; the byte-level Shakespeare shards
-  (about 10 MiB) travel with the command (``data.train_bin`` / ``data.val_bin``: docs/studies.md). Not run yet.
-- ``smoke``: the whole pipeline on toy shapes in about a minute (the end-to-end test).
+- ``gpu``: one H100, sized for 8 minutes per study, many runs at once; the prepared byte-level Shakespeare
+  shards travel with the command (``SCALEVEC_CACHE``: docs/studies.md).
+- ``smoke``: the whole pipeline on toy shapes in a minute or two (the end-to-end test).
 
 Tokenizer: byte-level in every budget, so a loss is in nats per byte (= nats per token) and comparable across
 budgets and with the calibration of earlier studies.
