@@ -75,7 +75,7 @@ def run_length(k: Knobs, model: dict[str, str], ratio: float = 1.0) -> tuple[int
     else:
         tokens_per_step = int(base.get("train.batch_size", 16)) * int(base.get("train.seq_len", 128))
         steps = max(20, round(ratio * k.tokens_per_param * n / tokens_per_step))
-    every = max(1, round(steps * k.score_spacing))  # scored checkpoints evenly spaced up to the last step (never fewer tokens)
+    every = max(1, round(steps * k.score_spacing))  # rounded up: scored checkpoints end at the last step
     return every * max(1, math.ceil(steps / every)), n
 
 
