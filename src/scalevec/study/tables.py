@@ -53,6 +53,8 @@ def optima_table(group: str, detail: dict, runs: list[Run]) -> list[str]:
     if nz.get("null_sd") is not None:
         lines += ["", (f"Null arm (baseline, other init seed, same data order): Δ = {f(nz['null_delta'], sign=True)}, "
                       f"sd of the paired difference {f(nz['null_sd'])}, MDE {f(nz['mde'])} over {nz['n']} seeds.")]
+    else:
+        lines += ["", "No null arm in this group: its claims use the study's pooled noise floor."]
     return [*lines, ""]
 
 
