@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ def cmd_train(args) -> int:
     from scalevec.config import load_config
     from scalevec.train import train
 
+    if args.from_step is not None and not args.resume:
+        raise _usage("--from-step: continues a run, so it needs --resume RUN_DIR")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
@@ -39,10 +42,27 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config or run_dir / "config.toml", [*args.overrides, f"run.out={run_dir}"])
     else:
         cfg = _load(args)
-    summary = train(cfg, resume=bool(args.resume))
+    summary = train(cfg, resume=bool(args.resume), from_step=args.from_step)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=1))
+        print(finished_line(summary, Path(cfg.run.out) / "summary.json"), flush=True)
     return 0
+
+
+def finished_line(summary: dict, path: Path) -> str:
+    """The one line a person reads at the end of a run; summary.json holds every field."""
+    import torch
+
+    from scalevec.train.mfu import matmul_peak
+    from scalevec.train.progress import clock
+
+    dtype = torch.bfloat16 if summary["precision"] == "bf16" else torch.float32
+    peak = matmul_peak(summary["device"], dtype)
+    mfu = summary["tok_per_s"] * summary["flops_per_token"] / peak
+    dtype_name = str(dtype).removeprefix("torch.")
+    return (f"done: val loss {summary['final_val_loss']:.4f}, {summary['tokens']:,} tokens in "
+            f"{clock(summary['wall_s'])}, {summary['tok_per_s']:,.0f} tok/s, MFU {100 * mfu:.1f}% of this "
+            f"device's measured {dtype_name} matmul peak ({peak / 1e9:,.0f} GFLOP/s); "
+            f"summary: {shlex.quote(str(path))}")
 
 
 def cmd_eval(args) -> int:
@@ -131,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_prepare)
     tr = with_config(sub.add_parser("train", help="train a model"))
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest valid checkpoint")
+    tr.add_argument("--from-step", type=int, metavar="N",
+                    help="with --resume: continue from the checkpoint of step N instead (e.g. a WSD run's last one "
+                         "before its decay, to extend it with a larger train.steps); newer checkpoints are set aside")
     tr.set_defaults(fn=cmd_train)
     ev = sub.add_parser("eval", help="validation loss of a run's newest checkpoint")
     ev.add_argument("run_dir")
@@ -189,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TrainingStopped as e:
         print("stopped: " + " ".join(str(e).split()), file=sys.stderr)
-        return 128 + signal.SIGTERM  # the shell's code for "terminated by SIGTERM"
+        return e.exit_code
     except errors as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
-        print("interrupted; the newest checkpoint is intact (resume with --resume RUN_DIR)", file=sys.stderr)
-        return 130
+        print(("\n" if sys.stderr.isatty() else "") + "interrupted: the newest complete checkpoint is intact; continue with scalevec train --resume "
+              "RUN_DIR", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

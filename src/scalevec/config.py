@@ -16,7 +16,9 @@ from scalevec.typed_config import ConfigError, load_toml, merge_tables, override
 class DataConfig:
     source: str = "shakespeare"  # "shakespeare" (embedded default corpus), a text file, a folder, or a .jsonl
     tokenizer: str = "bpe"  # bpe (trained on the train split) | gpt2 | byte | path to a tokenizer.json
-    vocab_size: int = 4096  # vocabulary of the trained BPE
+    # bpe: the vocabulary to train; a run records the tokenizer's actual one here (other tokenizers, or a BPE
+    # that ran out of merges on a small corpus).
+    vocab_size: int = 4096
     dir: str = ""  # prepared shards; default: a folder under the cache named by source and tokenizer
     train_bin: str = ""  # glob of existing nanoGPT-format train shards (skips prepare), e.g. fineweb_train_*.bin
     val_bin: str = ""  # glob of existing validation shards
@@ -64,6 +66,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100  # 0: only at the end
     keep_ckpts: int = 2
+    # WSD: also keep the checkpoint where the decay starts (never pruned): a longer run continues from it
+    # with ``--resume RUN --from-step N``, stretching the stable phase.
+    keep_predecay: bool = True
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads (0: torch's default)
     on_nonfinite: Literal["stop", "skip"] = "stop"
@@ -119,7 +124,8 @@ class Config:
             (0 <= self.schedule.warmup < math.inf, "schedule.warmup", "must be >= 0 and finite"),
             (0 < self.data.val_fraction < 1, "data.val_fraction", "must be in (0, 1)"),
             (self.data.val_tokens >= 1, "data.val_tokens", f"must be positive, got {self.data.val_tokens}"),
-            (self.data.vocab_size >= 257, "data.vocab_size", "must be at least 257 (bytes plus end-of-text)"),
+            (self.data.vocab_size >= 257 or self.data.tokenizer != "bpe", "data.vocab_size",
+             "must be at least 257 for a BPE (bytes plus end-of-text)"),
         ]
         for ok, key, msg in checks:
             if not ok:

@@ -93,6 +93,12 @@ def warmup_steps(cfg: ScheduleConfig, total: int) -> int:
     return int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
 
 
+def decay_start(total: int, cfg: ScheduleConfig) -> int:
+    """WSD: the first step (0-based) of the decay phase; the checkpoint of this many steps is the last at the
+    peak LR, the point from which a longer schedule continues."""
+    return total - max(1, round(cfg.decay_fraction * total))
+
+
 def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
     """LR / peak LR at ``step`` (0-based) of ``total`` steps."""
     warm = warmup_steps(cfg, total)
@@ -108,8 +114,8 @@ def lr_factor(step: int, total: int, cfg: ScheduleConfig) -> float:
     if cfg.name == "linear":
         return 1 - (1 - floor) * t
     # WSD: stable at the peak, then decay over the last ``decay_fraction`` of all steps.
-    decay = max(1, round(cfg.decay_fraction * total))
-    start = total - decay
+    start = decay_start(total, cfg)
+    decay = total - start
     if step < start:
         return 1.0
     u = min(1.0, (step - start + 1) / decay)

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from scalevec.fileio import sha256_file
+from scalevec.typed_config import ConfigError
 
 CKPT_DIR = "checkpoints"
 FILES = ("model.safetensors", "state.pt")
 MANIFEST = "manifest.json"
 TMP_PREFIX = ".tmp_"  # incomplete writes and checkpoints being deleted; never read, removed on the next save
 CORRUPT_PREFIX = "corrupt_"  # corrupt checkpoints set aside by a resume, kept for inspection
+SUPERSEDED_PREFIX = "superseded_"  # checkpoints newer than the one a --from-step resume continues from
 FAULT_ENV = "SCALEVEC_FAULT"
 
 
@@ -42,7 +45,8 @@ def injected_fault(kind: str) -> tuple[int, str] | None:
 
     ``SCALEVEC_FAULT`` holds comma-separated ``kind:STEP[:ARG]`` items. ``kill_in_ckpt:STEP[:STAGE]`` SIGKILLs
     the process while it saves the checkpoint of STEP, after STAGE (``model.safetensors`` by default, then
-    ``state.pt``, ``manifest.json``, ``rename``, ``prune``); the trainer reads ``nan_grad:STEP[:ROLE]`` and
+    ``state.pt``, ``manifest.json``, ``rename``, ``prune``); ``sigint_in_ckpt:STEP[:STAGE]`` sends it two
+    SIGINTs there (``state.pt`` by default); the trainer reads ``nan_grad:STEP[:ROLE]`` and
     ``inf_loss:STEP``. Read once per checkpoint or run, never per step.
     """
     spec = os.environ.get(FAULT_ENV)
@@ -57,16 +61,24 @@ def injected_fault(kind: str) -> tuple[int, str] | None:
 
 
 def _kill_hook(step: int) -> Callable[[str], None]:
-    fault = injected_fault("kill_in_ckpt")
-    if fault is None or fault[0] != step:
-        return lambda stage: None
-    target = fault[1] or FILES[0]
+    """The checkpoint faults of ``step``: ``kill_in_ckpt`` (SIGKILL) and ``sigint_in_ckpt`` (two SIGINTs, a
+    user pressing Ctrl-C twice: the first asks for a stop, the second aborts the save)."""
+    faults = {}
+    for kind, default in (("kill_in_ckpt", FILES[0]), ("sigint_in_ckpt", FILES[1])):
+        fault = injected_fault(kind)
+        if fault is not None and fault[0] == step:
+            faults[fault[1] or default] = kind
 
-    def kill(stage: str) -> None:
-        if stage == target:
+    def hit(stage: str) -> None:
+        kind = faults.get(stage)
+        if kind == "kill_in_ckpt":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "sigint_in_ckpt":
+            for _ in range(2):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs between bytecodes; the sleep lets it
 
-    return kill
+    return hit
 
 
 def _fsync(path: Path) -> None:
@@ -138,8 +150,10 @@ def _write_error(e: BaseException, run_dir: Path, final: Path, needed: int) -> C
     return CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}")
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, keep: int) -> Path:
-    """Write atomically, then prune to the newest ``keep`` checkpoints. Raises CheckpointError on failure."""
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, keep: int,
+                    pinned: bool = False) -> Path:
+    """Write atomically, then prune to the newest ``keep`` checkpoints that are not pinned (a pinned one, such
+    as WSD's last checkpoint before the decay, is never pruned). Raises CheckpointError on failure."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     remove_stale(run_dir)
@@ -153,7 +167,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, ke
         fault(FILES[0])
         torch.save(state, tmp / FILES[1])
         fault(FILES[1])
-        manifest = {"step": step, "sha256": {f: sha256_file(tmp / f) for f in FILES}}
+        manifest = {"step": step, "sha256": {f: sha256_file(tmp / f) for f in FILES}, "pinned": pinned}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         fault(MANIFEST)
         for f in (*FILES, MANIFEST):
@@ -172,7 +186,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, state: dict, ke
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     fault("rename")
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in [c for c in list_checkpoints(run_dir) if not is_pinned(c)][:-keep]:
         aside = _move_aside(old)
         fault("prune")
         shutil.rmtree(aside, ignore_errors=True)
@@ -184,6 +198,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def is_pinned(ckpt: Path) -> bool:
+    try:
+        return bool(json.loads((ckpt / MANIFEST).read_text()).get("pinned"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name.removeprefix("step_"))
 
 
 def verify(ckpt: Path) -> None:
@@ -227,9 +252,26 @@ def load_latest(run_dir: Path) -> Loaded | None:
     return None
 
 
-def set_aside(ckpt: Path) -> Path:
-    """Rename a corrupt checkpoint ``corrupt_step_*``: out of the way of resume and pruning, kept to study."""
-    aside = ckpt.with_name(CORRUPT_PREFIX + ckpt.name)
+def load_step(run_dir: Path, step: int) -> Loaded:
+    """The checkpoint of ``step`` (``--resume --from-step``), verified; a missing one names those kept."""
+    ckpt = Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
+    if not ckpt.is_dir():
+        kept = ", ".join(str(step_of(c)) for c in list_checkpoints(run_dir)) or "none"
+        raise ConfigError(f"--from-step {step}: {run_dir} has no checkpoint of step {step}; "
+                              f"checkpoints kept: {kept}")
+    return Loaded(ckpt, *load_checkpoint(ckpt), skipped=[])
+
+
+def supersede(run_dir: Path, step: int) -> list[Path]:
+    """Rename the checkpoints newer than ``step`` to ``superseded_step_*``, so that a later plain ``--resume``
+    cannot jump back to the trajectory a ``--from-step`` resume left; kept, like corrupt ones, for inspection."""
+    return [set_aside(c, SUPERSEDED_PREFIX) for c in list_checkpoints(run_dir) if step_of(c) > step]
+
+
+def set_aside(ckpt: Path, prefix: str = CORRUPT_PREFIX) -> Path:
+    """Rename a checkpoint ``corrupt_step_*`` (or another prefix): out of the way of resume and pruning,
+    kept to study."""
+    aside = ckpt.with_name(prefix + ckpt.name)
     if aside.exists():
         shutil.rmtree(aside)
     os.rename(ckpt, aside)

@@ -8,22 +8,21 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
 
 import torch
 from torch import nn
 
 from scalevec import cpu_kernels
-from scalevec.config import Config, ConfigError, from_table
+from scalevec.config import Config, ConfigError
 from scalevec.fileio import atomic_write_text
 from scalevec.info import count_params
 from scalevec.models import build_model
-from scalevec.optim import build_optimizer, lr_factor, set_lr
+from scalevec.optim import build_optimizer, decay_start, lr_factor, set_lr
 from scalevec.roles import param_roles
 from scalevec.scale import scale_statistics
 from scalevec.train import distributed as D
@@ -32,52 +31,24 @@ from scalevec.train.checkpoint import (
     injected_fault,
     list_checkpoints,
     load_latest,
+    load_step,
     remove_stale,
     save_checkpoint,
     set_aside,
+    supersede,
 )
 from scalevec.train.compiling import compile_model
+from scalevec.train.errors import TrainingError, TrainingStopped
+from scalevec.train.mfu import flops_per_token
+from scalevec.train.progress import Metrics, Progress
+from scalevec.train.resume import check_resume_config, saved_config, schedule_note
 from scalevec.train.run import save_tokenizer_files
-from scalevec.typed_config import load_toml
+from scalevec.train.signals import StopSignal
 
+__all__ = ["TrainingError", "TrainingStopped", "evaluate", "pick_device", "train"]
 
-class TrainingError(RuntimeError):
-    """A run that must stop (divergence, a broken resume); one line naming the problem."""
-
-
-class TrainingStopped(TrainingError):
-    """SIGTERM arrived (a scheduler's preemption, ``kill``): the run saved a checkpoint at the step it had
-    finished and stopped; ``--resume`` continues it exactly."""
-
-
-class StopSignal:
-    """Records SIGTERM instead of dying mid-step; the loop checks it between steps. Installed only in the main
-    thread (Python delivers signals there) and restored afterwards, so library callers keep their handler."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def agreed(self, info: D.DistInfo, device: torch.device) -> bool:
-        """Whether any rank got the signal: every rank must stop after the same step to save one checkpoint."""
-        if not info.enabled:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-
+# Above this many passes over the training data a run says so: its validation loss mostly measures memorising.
+EPOCH_WARNING = 4
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,75 +66,16 @@ def pad_vocab(n: int, multiple: int = 64) -> int:
 
 
 def resolve_vocab(cfg: Config, data_vocab: int) -> None:
+    """Fill ``model.vocab_size`` from the tokenizer, and record the tokenizer's vocabulary in ``data.vocab_size``
+    wherever the key did not set it (another tokenizer, existing shards, a BPE that ran out of merges), so that
+    a run's config.toml says what was used. A BPE short of its target is the same BPE asked for that size."""
+    d = cfg.data
+    if d.train_bin or d.tokenizer != "bpe" or data_vocab < d.vocab_size:
+        d.vocab_size = data_vocab
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = pad_vocab(data_vocab)
     elif cfg.model.vocab_size < data_vocab:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is below the tokenizer's {data_vocab}")
-
-
-def check_resume_config(run_dir: Path, cfg: Config) -> None:
-    """A resume may change how long or how to train, never what is trained."""
-    saved = from_table(load_toml(run_dir / "config.toml"))
-    for section in ("model", "scale", "data"):
-        a, b = getattr(saved, section), getattr(cfg, section)
-        for key, va in vars(a).items():
-            vb = getattr(b, key)
-            if key == "vocab_size" and section == "model" and vb == 0:
-                continue
-            if va != vb:
-                raise ConfigError(f"resume: {section}.{key} changed from {va!r} to {vb!r}; "
-                                  "start a new run.out instead")
-
-
-class Metrics:
-    """``metrics.jsonl``: one JSON object per line; truncated to the resumed step so reruns never duplicate.
-
-    Rows past the checkpoint a run resumes from were written by the crashed attempt; the resumed run writes
-    them again. A last line cut short by the crash is dropped. The truncation replaces the file atomically.
-    """
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: Path | None = None):
-        self.path, self.enabled = path, enabled
-        self.tb = _tensorboard_writer(tensorboard) if enabled and tensorboard is not None else None
-        if enabled and resume_step is not None and path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= resume_step:
-                    keep.append(line + "\n")
-            atomic_write_text(path, "".join(keep))
-        elif enabled:
-            path.write_text("")
-
-    def write(self, **row) -> None:
-        if self.enabled:
-            try:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as e:
-                raise TrainingError(f"could not append to {self.path} ({e.strerror or e}); the newest "
-                                    "checkpoint is intact") from e
-            if self.tb is not None:
-                for k, v in row.items():
-                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                        self.tb.add_scalar(k, v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _tensorboard_writer(log_dir: Path):
-    """A SummaryWriter; a resumed run appends to the same folder (TensorBoard shows the newest point per step)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install "
-                          "'scalevec[tb]' (or set train.tensorboard=false)") from e
-    return SummaryWriter(str(log_dir))
 
 
 @dataclass
@@ -180,6 +92,7 @@ def _data(cfg: Config, info: D.DistInfo):
     D.barrier(info)
     if not info.main:
         spec = resolve_data(cfg.data)
+    asked = cfg.data.vocab_size if cfg.data.tokenizer == "bpe" and not cfg.data.train_bin else None
     resolve_vocab(cfg, spec.vocab_size)
     t = cfg.train
     # Ids are checked against the tokenizer's vocabulary, not the padded embedding: an id in the padding
@@ -188,7 +101,27 @@ def _data(cfg: Config, info: D.DistInfo):
                          world_size=info.world_size, vocab_size=spec.vocab_size)
     evals = eval_batches(spec.val_files, t.batch_size, t.seq_len, cfg.data.val_tokens,
                          vocab_size=spec.vocab_size)
-    return spec, Batches(loader, evals)
+    short = f" (the BPE ran out of merges short of the {asked:,} asked for)" if asked and asked > spec.vocab_size \
+        else ""
+    return spec, Batches(loader, evals), short
+
+
+def data_report(cfg: Config, loader, world_size: int, vocab_note: str = "") -> list[str]:
+    """The line a run prints before training (corpus, global batch, epochs), and a warning if it repeats the
+    data more than EPOCH_WARNING times."""
+    t = cfg.train
+    seqs = t.batch_size * world_size * t.grad_accum
+    epochs = t.steps * t.grad_accum / loader.steps_per_epoch
+    ranks = f"{world_size} rank{'s' if world_size > 1 else ''}"
+    lines = [f"data: {loader.stream.n_tokens:,} training tokens, vocabulary {cfg.data.vocab_size:,}{vocab_note}; "
+             + f"global batch {seqs} sequences ({t.batch_size} per rank x {ranks} x {t.grad_accum} accumulation) "
+             + f"of {t.seq_len} tokens = {seqs * t.seq_len:,} tokens per step; {t.steps} steps take {epochs:.3g} "
+             + "epochs"]
+    if epochs > EPOCH_WARNING:
+        lines.append(f"warning: {t.steps} steps take {epochs:.1f} epochs of the training data (more than "
+                     f"{EPOCH_WARNING}): validation loss will mostly measure memorisation; add data or lower "
+                     "train.steps")
+    return lines
 
 
 # Runs at least this long compile under train.compile="auto". Measured at tiny on 2 CPU cores: a cold compile
@@ -309,8 +242,9 @@ def _poison_grad(optimizer, role: str) -> None:
     raise TrainingError(f"SCALEVEC_FAULT nan_grad: no gradient in a group named {role!r}")
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Train per ``cfg``; returns the summary (also written to ``RUN_DIR/summary.json``)."""
+def train(cfg: Config, resume: bool = False, from_step: int | None = None) -> dict:
+    """Train per ``cfg``; returns the summary (also written to ``RUN_DIR/summary.json``). ``from_step``: resume
+    from that checkpoint instead of the newest (the newer ones are set aside as ``superseded_step_*``)."""
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -321,7 +255,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     run_dir = Path(cfg.run.out)
     try:
         with StopSignal() as stop:
-            summary = _train(cfg, resume, device, info, run_dir, stop)
+            summary = _train(cfg, resume, from_step, device, info, run_dir, stop)
     except BaseException:
         D.cleanup(info, finished=False)
         raise
@@ -329,12 +263,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return summary
 
 
-def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo) -> None:
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo) -> Config | None:
+    """Check the folder before anything is written; on a resume, the saved config it continues."""
     has_run = (run_dir / "config.toml").exists() or bool(list_checkpoints(run_dir))
+    saved = None
     if resume:
         if not (run_dir / "config.toml").exists():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.toml)")
-        check_resume_config(run_dir, cfg)
+        saved = saved_config(run_dir)
+        check_resume_config(saved, cfg)
     elif has_run:
         raise ConfigError(f"run.out: {run_dir} already holds a run; pass --resume to continue it or choose "
                           "another run.out")
@@ -343,15 +280,17 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.toml", cfg.to_toml())
     D.barrier(info)
+    return saved
 
 
-def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, info: D.DistInfo):
-    """Load the newest valid checkpoint into the model, optimizer, data loader and RNG.
+def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, info: D.DistInfo,
+            from_step: int | None):
+    """Load the newest valid checkpoint (or that of ``from_step``) into the model, optimizer, loader and RNG.
 
     None when there is none yet (a run killed before its first checkpoint starts over). Writes nothing: a
     resume that does not fit is refused before the run folder is touched.
     """
-    loaded = load_latest(run_dir)
+    loaded = load_latest(run_dir) if from_step is None else load_step(run_dir, from_step)
     if loaded is None:
         return None
     st = loaded.state
@@ -368,12 +307,33 @@ def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, inf
     return loaded
 
 
-def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, run_dir: Path,
-           stop: StopSignal) -> dict:
+def _announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, from_step: int | None) -> int:
+    """Main rank: tidy the folder for the resumed run and say what it continues; returns the start step."""
+    start = loaded.state["step"] if loaded else 0
+    for line, ckpt in zip(loaded.skipped if loaded else [], loaded.corrupt if loaded else [], strict=True):
+        aside = set_aside(ckpt)
+        print(f"warning: {line}; set aside as {aside.name}; falling back to {loaded.path.name}", flush=True)
+    if n := remove_stale(run_dir):
+        print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
+    if from_step is not None and (newer := supersede(run_dir, start)):
+        print(f"set aside {len(newer)} newer checkpoint(s) as superseded_step_*: the run continues from step "
+              f"{start}", flush=True)
+    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    print(f"resumed from {loaded.path} at step {start}" if loaded else
+          f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
+    if loaded and saved is not None:
+        note = schedule_note(run_dir, saved, cfg, start, loaded.state.get("total_steps", saved.train.steps))
+        if note:
+            print(note, flush=True)
+    return start
+
+
+def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.device, info: D.DistInfo,
+           run_dir: Path, stop: StopSignal) -> dict:
     t = cfg.train
-    spec, batches = _data(cfg, info)
+    spec, batches, vocab_note = _data(cfg, info)
     compiled = use_compile(t.compile, t.steps, device)  # refuses an impossible compile before the folder is touched
-    _prepare_run_dir(cfg, run_dir, resume, info)
+    saved_cfg = _prepare_run_dir(cfg, run_dir, resume, info)
     if info.main:
         save_tokenizer_files(spec.tokenizer_dir, run_dir)
 
@@ -393,34 +353,27 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
     start, tokens, wall_prev, skipped_steps = 0, 0, 0.0, 0
     if resume:
         target = wrapped if cfg.dist.mode == "fsdp" else model
-        loaded = _resume(run_dir, cfg, target, optimizer, batches.loader, info)
+        loaded = _resume(run_dir, cfg, target, optimizer, batches.loader, info, from_step)
         D.barrier(info)  # every rank has loaded before the main rank changes the run folder
         if loaded is not None:
             st = loaded.state
             start, tokens, wall_prev = st["step"], st["tokens"], st["wall_s"]
             skipped_steps = st.get("skipped_steps", 0)
-            if info.main:
-                for line, ckpt in zip(loaded.skipped, loaded.corrupt, strict=True):
-                    aside = set_aside(ckpt)
-                    print(f"warning: {line}; set aside as {aside.name}; falling back to {loaded.path.name}",
-                          flush=True)
         if info.main:
-            if n := remove_stale(run_dir):
-                print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
-            atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-            print(f"resumed from {loaded.path} at step {start}" if loaded else
-                  f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
+            _announce_resume(run_dir, loaded, saved_cfg, cfg, from_step)
+        D.barrier(info)  # superseded checkpoints are gone before any rank saves
+    if info.main:
+        for line in data_report(cfg, batches.loader, info.world_size, vocab_note):
+            print(line, flush=True)
     metrics = Metrics(run_dir / "metrics.jsonl", info.main, start if resume else None,
                       run_dir / "tensorboard" if t.tensorboard else None)
     # Under FSDP the gains are shards; their statistics would need a gather per vector at every evaluation.
     gamma_stats = t.scale_stats and cfg.dist.mode != "fsdp"
+    # WSD: the last checkpoint at the peak LR is kept (pinned), the point a longer schedule continues from.
+    predecay = decay_start(t.steps, cfg.schedule) if cfg.schedule.name == "wsd" and t.keep_predecay else -1
 
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * info.world_size
-    progress = None
-    if info.main and t.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t.steps, initial=start, desc=run_dir.name, dynamic_ncols=True)
+    progress = Progress(info.main and t.progress, t.steps, start, run_dir.name)
 
     def checkpoint(step: int) -> None:
         loader_states = [batches.loader.state_dict()]
@@ -433,9 +386,14 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         if info.main:
             state = {"step": step, "tokens": tokens, "optimizer": ostate, "rng": torch.get_rng_state(),
                      "loader": loader_states if info.enabled else loader_states[0],
-                     "wall_s": wall_prev + time.perf_counter() - t0, "skipped_steps": skipped_steps}
-            save_checkpoint(run_dir, step, mstate, state, t.keep_ckpts)
+                     "wall_s": wall_prev + time.perf_counter() - t0, "skipped_steps": skipped_steps,
+                     "total_steps": t.steps}
+            save_checkpoint(run_dir, step, mstate, state, t.keep_ckpts, pinned=step == predecay)
         D.barrier(info)
+
+    def close() -> None:
+        progress.close()
+        metrics.close()
 
     # Test-only faults (docs/reliability.md): step numbers as in metrics.jsonl, -1 when unset.
     nan_fault, inf_fault = injected_fault("nan_grad"), injected_fault("inf_loss")
@@ -473,23 +431,30 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        train_loss = D.all_reduce_mean(loss_sum / t.grad_accum, info)
-        finite = bool(torch.isfinite(train_loss) and torch.isfinite(grad_norm))
-        if not finite:
-            what = "loss" if not torch.isfinite(train_loss) else "gradient"
+        # The step's one host sync: whether the update may be applied, read together with the loss, the
+        # norm and (across ranks) whether any rank got a stop signal, so that logging and stopping add none.
+        reduced = loss_sum / t.grad_accum
+        if info.enabled:
+            votes = torch.full((), float(stop.requested), device=device)
+            reduced, votes = D.all_reduce_sum(torch.stack([reduced, votes]), info).unbind()
+            reduced = reduced / info.world_size
+            train_loss, norm, stop_votes = torch.stack([reduced, grad_norm.float().reshape(()), votes]).tolist()
+        else:
+            train_loss, norm = torch.stack([reduced, grad_norm.float().reshape(())]).tolist()
+            stop_votes = float(stop.requested)
+        if not (math.isfinite(train_loss) and math.isfinite(norm)):
+            what = "loss" if not math.isfinite(train_loss) else "gradient"
             bad = _nonfinite_groups(optimizer, info) or ["none"]
-            diag = (f"non-finite {what} at step {done} (loss {train_loss.item():.4g}, grad norm "
-                    f"{grad_norm.item():.4g}); groups with a non-finite gradient norm: {'; '.join(bad)}")
+            diag = (f"non-finite {what} at step {done} (loss {train_loss:.4g}, grad norm {norm:.4g}); groups "
+                    f"with a non-finite gradient norm: {'; '.join(bad)}")
             if t.on_nonfinite == "stop":
-                if progress:
-                    progress.close()
-                metrics.close()
+                close()
                 kept = list_checkpoints(run_dir)
                 kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint yet"
                 raise TrainingError(f"{diag}; {kept_msg}; train.on_nonfinite=skip skips such steps instead")
             skipped_steps += 1
             if info.main:
-                print(f"warning: {diag}; step skipped ({skipped_steps} so far)", flush=True)
+                progress.note(f"warning: {diag}; step skipped ({skipped_steps} so far)")
             optimizer.zero_grad(set_to_none=True)
         else:
             if cfg.optim.grad_clip:
@@ -500,22 +465,20 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
                 m.after_optimizer_step()
         tokens += tokens_per_step
         tick_tokens += tokens_per_step
+        row = None
         if done % t.log_every == 0 or done == t.steps:
             now = time.perf_counter()
             tps = tick_tokens / max(now - tick, 1e-9)
             tick, tick_tokens = now, 0
-            row = {"step": done, "tokens": tokens, "train_loss": train_loss.item(), "lr": lr * cfg.optim.lr,
-                   "lr_factor": lr, "grad_norm": grad_norm.item(), "tok_per_s": tps}
+            row = {"step": done, "tokens": tokens, "train_loss": train_loss, "lr": lr * cfg.optim.lr,
+                   "lr_factor": lr, "grad_norm": norm, "tok_per_s": tps}
             if skipped_steps:
                 row["skipped_steps"] = skipped_steps
             aux = model.aux_loss()
             if aux is not None:
                 row["aux_loss"] = aux.item()
             metrics.write(**row)
-            if progress:
-                progress.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-        if progress:
-            progress.update(1)
+        progress.step(done, row)
         if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
             val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
             row = {"step": done, "tokens": tokens, "val_loss": val_loss}
@@ -524,22 +487,19 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
             if gamma_stats:
                 row.update(scale_statistics(model))
             metrics.write(**row)
-            if progress:
-                progress.write(f"step {done}: val_loss {val_loss:.4f}")
-        saved = (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps
+            progress.note(f"step {done}: val_loss {val_loss:.4f}")
+        saved = (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or done == predecay
         if saved:
             checkpoint(done)
-        if done < t.steps and stop.agreed(info, device):
+        if done < t.steps and stop_votes > 0:
             if not saved:
                 checkpoint(done)
-            if progress:
-                progress.close()
-            metrics.close()
-            raise TrainingStopped(f"stopped by SIGTERM after step {done}; its checkpoint is saved; continue with "
-                                  f"scalevec train --resume {run_dir}")
-    if progress:
-        progress.close()
-    metrics.close()
+            close()  # the bar ends its line before the stop is reported on a line of its own
+            signum = stop.signum or signal.SIGTERM  # a rank that got no signal stops with the one that did
+            who = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+            raise TrainingStopped(f"stopped by {who} after step {done}; its checkpoint is saved; continue with "
+                                  f"scalevec train --resume {shlex.quote(str(run_dir))}", signum)
+    close()
     if start >= t.steps:  # nothing left to do: report the stored final evaluation
         val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
     wall = wall_prev + time.perf_counter() - t0
@@ -548,9 +508,10 @@ def _train(cfg: Config, resume: bool, device: torch.device, info: D.DistInfo, ru
         "non_embedding_params": counts["non_embedding"],
         "scale_vector_params": counts["scale_vector"], "scale_vector_share": counts["scale_vector_share"],
         "tokens": tokens, "steps": t.steps, "wall_s": wall, "tok_per_s": tokens / max(wall, 1e-9),
+        "flops_per_token": flops_per_token(cfg.model, t.seq_len),
         "strategy": cfg.scale.strategy, "model": cfg.model.preset, "optimizer": cfg.optim.name,
         "schedule": cfg.schedule.name, "world_size": info.world_size, "skipped_steps": skipped_steps,
-        "device": str(device), "compiled": compiled,
+        "device": str(device), "precision": t.precision, "compiled": compiled,
     }
     for k in ("active", "active_non_embedding"):
         if k in counts:
