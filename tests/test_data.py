@@ -366,14 +366,32 @@ def test_unknown_tokenizer_is_refused() -> None:
 
 def test_bad_utf8_is_counted_or_refused(tmp_path: Path) -> None:
     path = tmp_path / "bad.txt"
+    padding = b" ordinary text" * 15  # keeps the bad bytes under the 1% that marks a file as not text
     path.write_bytes(
-        b"line one\nhello \xff\xfe world \xef\xbf\xbd\n" * 20
+        (b"line one\nhello \xff\xfe world \xef\xbf\xbd" + padding + b"\n") * 20
     )  # 2 bad bytes + 1 real U+FFFD per line
     corpus = load_documents(str(path), DataConfig(on_bad_utf8="replace"))
     assert corpus.replaced_chars == 40
     assert "".join(corpus.train + corpus.val).count("\ufffd") == 60
     with pytest.raises(DataError, match=r"bad\.txt: invalid UTF-8 at byte offset 15"):
         load_documents(str(path), DataConfig(on_bad_utf8="error"))
+
+
+@pytest.mark.parametrize("on_bad_utf8", ["replace", "error"])
+def test_a_file_that_is_not_text_is_refused_by_name(tmp_path: Path, on_bad_utf8: str) -> None:
+    """A binary among text files (NUL bytes), or a file mostly undecodable, stops the prepare in one line."""
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some ordinary text\n" * 50)
+    (folder / "tool.txt").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(100))
+    with pytest.raises(DataError, match=r"tool\.txt: not a text file \(a NUL byte at offset 7\)"):
+        load_documents(str(folder), DataConfig(on_bad_utf8=on_bad_utf8))
+    (folder / "tool.txt").write_bytes(b"text " * 20 + b"\xff" * 3)  # 3 of 103 bytes: 2.9%
+    with pytest.raises(DataError, match=r"tool\.txt: not a text file \(3 of 103 bytes, 2\.9%") as err:
+        load_documents(str(folder), DataConfig(on_bad_utf8="replace"))
+    assert "\n" not in str(err.value)
+    (folder / "tool.txt").write_bytes(b"text " * 80 + b"\xff" * 3)  # 3 of 403: under 1%, replaced
+    assert load_documents(str(folder), DataConfig(on_bad_utf8="replace")).replaced_chars == 3
 
 
 def test_empty_or_missing_corpus_is_refused(tmp_path: Path) -> None:

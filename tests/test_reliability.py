@@ -369,6 +369,11 @@ BAD_INPUTS = {
     "bad-utf8-refused": (lambda t: [_text(t, "latin1.txt", "café au lait\n".encode("latin-1") * 50),
                                     "data.on_bad_utf8=error"],
                          r"latin1\.txt: invalid UTF-8 at byte offset 3", 1),
+    "binary-file": (lambda t: [_text(t, "prog.txt", b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)],
+                    r"prog\.txt: not a text file \(a NUL byte at offset 7\)", 1),
+    "mostly-undecodable": (lambda t: [_text(t, "blob.txt", "some text\n".encode("latin-1") * 20
+                                            + bytes(range(0x80, 0x100)) * 4)],
+                           r"utf16\.txt: not a text file \(512 of 712 bytes, 71\.9%, are not UTF-8", 1),
     "shard-magic": (lambda t: _bad_shard(t, lambda b: b"\0" * 4 + b[4:]),
                     r"train_000\.bin: magic number 0, expected 20240520", 1),
     "shard-version": (lambda t: _bad_shard(t, lambda b: b[:4] + np.int32(7).tobytes() + b[8:]),
@@ -407,7 +412,8 @@ def test_bad_input_is_one_line_and_saves_nothing(tmp_path, base, capsys, case):
 
 def test_bad_utf8_is_replaced_and_counted(tmp_path, capsys):
     src = tmp_path / "mixed.txt"
-    src.write_bytes(b"good line\nbad \xff\xfe bytes\n" * 40)  # 2 undecodable bytes per repeat
+    line = b"a good line, long enough that the bad bytes stay well under one percent\n"
+    src.write_bytes((line * 3 + b"bad \xff\xfe bytes\n") * 40)  # 2 undecodable bytes per repeat
     rc, _, _ = cli(capsys, "prepare", f"data.source={src}", "data.tokenizer=byte",
                    f"data.dir={tmp_path / 'p'}")
     assert rc == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,7 @@ def test_torchrun_two_ranks_match_single_process(tmp_path, mode):
     b = [x["train_loss"] for x in metrics(dist) if "train_loss" in x]
     np.testing.assert_allclose(b, a, rtol=1e-5)
     assert json.loads((dist / "summary.json").read_text())["world_size"] == 2
+    assert "global batch 8 sequences (4 per rank x 2 ranks x 1 accumulation) of 64 tokens" in r.stdout
     if mode == "fsdp":  # sharded checkpoints gather to a full state and resume exactly
         shutil.rmtree(list_checkpoints(dist)[-1])
         r = _torchrun(["--resume", str(dist)], tmp_path)
@@ -244,3 +246,139 @@ def test_demo_compares_reuses_and_names_what_changed(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"another config \(train\.steps: 6 -> 7\)"):
         run_demo(tmp_path, fast, steps=7)
     assert (tmp_path / "baseline" / "summary.json").read_text() == before  # nothing saved is lost
+
+
+# ---------------------------------------------------------------------------------------------- what a run says
+
+
+def _small_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "small.txt"
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}" for i in range(120)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_data_line_reports_tokens_epochs_and_global_batch(tmp_path, capsys):
+    """Before training: the corpus in tokens, the global batch (per rank x ranks x accumulation) and the epochs
+    the run takes; above EPOCH_WARNING epochs a warning follows. The numbers are the loader's own."""
+    from scalevec.cli import main
+    from scalevec.data import TokenLoader, resolve_data
+    from scalevec.train.trainer import EPOCH_WARNING, data_report
+
+    args = ["model.preset=tiny", "train.batch_size=4", "train.seq_len=32", "train.grad_accum=2",
+            "train.progress=false", "train.eval_every=0", "train.steps=100", "data.tokenizer=byte",
+            f"data.source={_small_corpus(tmp_path)}", f"data.dir={tmp_path / 'prep'}", "data.val_tokens=256"]
+    capsys.readouterr()
+    assert main(["train", *args, f"run.out={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    spec = resolve_data(load_config(None, args).data)
+    loader = TokenLoader(spec.train_files, 4, 32)
+    epochs = 100 * 2 / loader.steps_per_epoch
+    assert epochs > EPOCH_WARNING
+    line = next(ln for ln in out if ln.startswith("data: "))
+    assert line == (f"data: {loader.stream.n_tokens:,} training tokens, vocabulary 257; global batch 8 sequences "
+                    f"(4 per rank x 1 rank x 2 accumulation) of 32 tokens = 256 tokens per step; 100 steps take "
+                    f"{epochs:.3g} epochs")
+    warning = out[out.index(line) + 1]
+    assert warning.startswith(f"warning: 100 steps take {epochs:.1f} epochs of the training data (more than 4)")
+    short = load_config(None, [*args, "train.steps=10"])
+    short.data.vocab_size = 257
+    assert len(data_report(short, loader, 1)) == 1  # under the threshold: the line alone
+
+
+def test_config_records_the_vocabulary_used(tmp_path, capsys):
+    """config.toml says which vocabulary the run used: the byte tokenizer's 257, or the size a BPE reached
+    when the corpus ran out of merges short of data.vocab_size; such a run still resumes."""
+    from scalevec.cli import main
+    from scalevec.typed_config import load_toml
+
+    common = ["model.preset=tiny", "train.batch_size=4", "train.seq_len=32", "train.progress=false",
+              "train.eval_every=0", "train.steps=4", f"data.source={_small_corpus(tmp_path)}",
+              "data.val_tokens=128"]
+    byte = tmp_path / "byte"
+    assert main(["train", *common, "data.tokenizer=byte", f"data.dir={tmp_path / 'pb'}", f"run.out={byte}"]) == 0
+    saved = load_toml(byte / "config.toml")
+    assert saved["data"]["vocab_size"] == 257 and saved["model"]["vocab_size"] == 320
+    bpe = tmp_path / "bpe"
+    capsys.readouterr()
+    assert main(["train", *common, "data.tokenizer=bpe", "data.vocab_size=4096", f"run.out={bpe}"]) == 0
+    out = capsys.readouterr().out
+    got = load_toml(bpe / "config.toml")["data"]["vocab_size"]
+    tokenizer_ids = json.loads((bpe / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert 257 <= got < 4096 and got == len(tokenizer_ids)
+    assert f"vocabulary {got:,} (the BPE ran out of merges short of the 4,096 asked for)" in out
+    assert main(["train", "--resume", str(bpe), "train.steps=6"]) == 0
+
+
+def test_extending_a_wsd_run_from_before_its_decay_equals_the_longer_run(tmp_path, capsys):
+    """A WSD run keeps the checkpoint where its decay starts; continuing from it with a larger train.steps
+    (the stable phase stretched, the decay at the new end) gives exactly the run planned that long from the
+    start, when the warmup is a step count. The newer checkpoints are set aside, not resumed later."""
+    from scalevec.cli import main
+    from scalevec.train.checkpoint import is_pinned
+
+    common = [*FAST, "schedule.name=wsd", "schedule.warmup=4", "train.ckpt_every=0", "train.keep_ckpts=1",
+              "train.precision=fp32"]
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert main(["train", *common, "train.steps=40", f"run.out={run}"]) == 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000032", "step_00000040"]  # 32: pinned, kept
+    assert is_pinned(list_checkpoints(run)[0])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--from-step", "32", "train.steps=60"]) == 0
+    out = capsys.readouterr().out
+    assert ("schedule: train.steps 40 -> 60: wsd recomputed for 60 steps; the LR of step 33 goes from 2.66e-03 "
+            "(step 33 of the 40-step schedule) to 3.00e-03 (decay over steps 49-60)") in out
+    assert (run / "checkpoints" / "superseded_step_00000040").is_dir()
+    assert main(["train", *common, "train.steps=60", f"run.out={ref}"]) == 0
+
+    def timeless(rows):
+        return [{k: v for k, v in r.items() if k != "tok_per_s"} for r in rows]
+
+    assert timeless(metrics(run)) == timeless(metrics(ref))
+    a, b = (load_file(str(list_checkpoints(d)[-1] / "model.safetensors")) for d in (run, ref))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rc = main(["train", "--resume", str(run), "--from-step", "7"])
+    assert rc == 2 and "has no checkpoint of step 7; checkpoints kept: 32, 48, 60" in capsys.readouterr().err
+
+
+def test_schedule_note_names_the_jump_and_the_way_around_it(tmp_path):
+    """Extending a finished WSD run from its last checkpoint raises the LR again; the note says by how much and
+    names the command that continues from before the decay instead (the path quoted for a shell)."""
+    from scalevec.train.resume import schedule_note
+
+    run = tmp_path / "my run"
+    for step in (16, 20):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    saved = load_config(None, ["schedule.name=wsd", "train.steps=20", "optim.lr=3e-3"])
+    longer = load_config(None, ["schedule.name=wsd", "train.steps=30", "optim.lr=3e-3"])
+    note = schedule_note(run, saved, longer, start=20, trained_for=20)
+    assert note == ("schedule: train.steps 20 -> 30: wsd recomputed for 30 steps; the LR of step 21 goes from "
+                    "3.00e-04 (where it ended) to 3.00e-03 (decay over steps 25-30); to stretch the stable phase "
+                    f"instead, continue from before the decay: scalevec train --resume '{run}' --from-step 16 "
+                    "train.steps=30")
+    assert schedule_note(run, saved, saved, start=20, trained_for=20) is None  # same length: nothing to say
+    cosine = load_config(None, ["train.steps=30", "optim.lr=3e-3"])
+    assert "cosine recomputed for 30 steps; the LR of step 11 goes from" in schedule_note(
+        run, load_config(None, ["train.steps=20", "optim.lr=3e-3"]), cosine, start=10, trained_for=20)
+
+
+def test_a_run_off_a_terminal_logs_lines_and_ends_with_one_human_line(tmp_path, capsys):
+    """stderr captured (not a TTY): progress is a log line per logged step, no bar redraws; the run ends with
+    one line (val loss, tokens, time, tok/s, MFU, summary path) instead of a JSON dump."""
+    from scalevec.cli import main
+
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", *FAST, "train.progress=true", "train.steps=10", f"run.out={run}"]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "{" not in out
+    lines = out.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ") and "/10" in ln] == ["5/10", "10/10"]
+    summary = json.loads((run / "summary.json").read_text())
+    done = lines[-1]
+    assert done.startswith(f"done: val loss {summary['final_val_loss']:.4f}, {summary['tokens']:,} tokens in ")
+    assert f"{summary['tok_per_s']:,.0f} tok/s, MFU " in done and done.endswith(f"summary: {run / 'summary.json'}")
+    mfu, peak = re.search(r"MFU ([\d.]+)% of this device's measured bfloat16 matmul peak \(([\d,]+) GFLOP/s\)",
+                          done).groups()
+    expected = 100 * summary["tok_per_s"] * summary["flops_per_token"] / (float(peak.replace(",", "")) * 1e9)
+    assert float(mfu) == pytest.approx(expected, rel=0.05, abs=0.06)

@@ -109,8 +109,19 @@ def _source_path(source: str) -> Path:
 # ---------------------------------------------------------------------------------------------- decoding
 
 
+# More undecodable bytes than this share means a binary or another encoding, not text with a few bad bytes.
+MAX_UNDECODABLE = 0.01
+
+
 def decode_utf8(raw: bytes, where: str | Path, on_bad_utf8: str) -> tuple[str, int]:
-    """Decode UTF-8; return the text and how many characters were replaced by U+FFFD."""
+    """Decode UTF-8; return the text and how many characters were replaced by U+FFFD.
+
+    A file that is not text (a NUL byte, or more than MAX_UNDECODABLE of its bytes undecodable) is refused
+    whatever ``on_bad_utf8`` says: tokenizing it would train on noise without a word.
+    """
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"{where}: not a text file (a NUL byte at offset {nul}); remove it from data.source")
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError as e:
@@ -121,7 +132,14 @@ def decode_utf8(raw: bytes, where: str | Path, on_bad_utf8: str) -> tuple[str, i
             ) from None
     text = raw.decode("utf-8", errors="replace")
     # U+FFFD genuinely present in the input is encoded as EF BF BD; everything else was a replacement.
-    return text, text.count("\ufffd") - raw.count("\ufffd".encode())
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced > MAX_UNDECODABLE * len(raw):
+        raise DataError(
+            f"{where}: not a text file ({replaced:,} of {len(raw):,} bytes, {100 * replaced / len(raw):.1f}%, "
+            f"are not UTF-8; more than {100 * MAX_UNDECODABLE:g}% is a binary or another encoding); convert "
+            "it to UTF-8 or remove it from data.source"
+        )
+    return text, replaced
 
 
 def read_text(path: Path, on_bad_utf8: str) -> tuple[str, int]:

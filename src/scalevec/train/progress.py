@@ -96,11 +96,11 @@ class Progress:
             print(f"step {done}/{self.total}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
                   f"{row['tok_per_s']:,.0f} tok/s  elapsed {clock(elapsed)}  left {clock(left)}", flush=True)
 
-    def note(self, text: str) -> None:
-        """A line of its own, above the bar when there is one."""
+    def note(self, text: str, always: bool = False) -> None:
+        """A line of its own, above the bar when there is one; ``always``: even with progress off."""
         if self.bar is not None:
             self.bar.write(text)
-        elif self.lines:
+        elif self.lines or always:
             print(text, flush=True)
 
     def close(self) -> None:

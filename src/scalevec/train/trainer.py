@@ -454,7 +454,7 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
                 raise TrainingError(f"{diag}; {kept_msg}; train.on_nonfinite=skip skips such steps instead")
             skipped_steps += 1
             if info.main:
-                progress.note(f"warning: {diag}; step skipped ({skipped_steps} so far)")
+                progress.note(f"warning: {diag}; step skipped ({skipped_steps} so far)", always=True)
             optimizer.zero_grad(set_to_none=True)
         else:
             if cfg.optim.grad_clip:
