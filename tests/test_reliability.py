@@ -207,26 +207,70 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path, base, 
     assert not list((run / "checkpoints").glob(".tmp_*")), "crash leftovers are removed by the next save"
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, base, capsys):
-    """SIGTERM (a scheduler's preemption) mid-run: the step in flight finishes, a checkpoint of it is saved even
-    between checkpoint intervals, the process exits 143 with a one-line note, and --resume continues exactly."""
+@pytest.mark.parametrize(("signum", "who"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")],
+                         ids=["sigterm", "sigint"])
+def test_stop_signal_saves_a_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, base, capsys, signum, who):
+    """SIGTERM (a scheduler's preemption) or a first Ctrl-C mid-run: the step in flight finishes, a checkpoint
+    of it is saved even between checkpoint intervals, the process exits 128 + the signal with a one-line note,
+    the checkpoint loads, and --resume continues exactly."""
     steps = 60
     args = [*base, f"train.steps={steps}", "train.ckpt_every=0", "train.eval_every=20"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = spawn("train", *args, f"run.out={run}")
     wait_for_row(run, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     stopped = max(r["step"] for r in metrics(run))
     assert stopped < steps and steps_of(run) == [stopped]  # ckpt_every=0 would have saved only at the end
-    assert err.strip() == (f"stopped: stopped by SIGTERM after step {stopped}; its checkpoint is saved; "
-                                   f"continue with scalevec train --resume {run}")
+    assert err.strip() == (f"stopped: stopped by {who} after step {stopped}; its checkpoint is saved; "
+                           f"continue with scalevec train --resume {run}")
+    _, state = load_checkpoint(list_checkpoints(run)[-1])
+    assert state["step"] == stopped
     assert cli(capsys, "train", *args, f"run.out={ref}")[0] == 0
     p = run_cli("train", "--resume", str(run))
     assert p.returncode == 0 and f"at step {stopped}" in p.stdout, p.stderr[-2000:]
     assert timeless(metrics(run)) == timeless(metrics(ref))
     assert_same_weights(list_checkpoints(run)[-1], list_checkpoints(ref)[-1])
+
+
+def test_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_stays_intact(tmp_path, base, capsys):
+    """Two Ctrl-Cs while the checkpoint of step 8 is being written: the first asks for a stop, the second
+    aborts the save at once (exit 130, one line). The step 4 checkpoint is the newest and verifies; the
+    half-written one is a .tmp_ folder that the resume removes, and the resumed run matches an uninterrupted one."""
+    args = [*base, "train.steps=12", "train.ckpt_every=4", "train.keep_ckpts=3"]
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    p = run_cli("train", *args, f"run.out={run}", fault="sigint_in_ckpt:8")
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert p.stderr.strip() == ("interrupted: the newest complete checkpoint is intact; continue with scalevec "
+                                "train --resume RUN_DIR")
+    assert steps_of(run) == [4] and list((run / "checkpoints").glob(".tmp_step_00000008_*"))
+    all_verify(run)
+    p = run_cli("train", "--resume", str(run))
+    assert p.returncode == 0 and "removed 1 temporary checkpoint folder(s)" in p.stdout, p.stderr[-2000:]
+    assert cli(capsys, "train", *args, f"run.out={ref}")[0] == 0
+    assert timeless(metrics(run)) == timeless(metrics(ref))
+    assert_same_weights(list_checkpoints(run)[-1], list_checkpoints(ref)[-1])
+
+
+def test_stop_signal_handler_counts_ctrl_c_and_restores_the_previous_handlers():
+    """In-process: SIGTERM or one SIGINT only records the request; a second SIGINT raises KeyboardInterrupt;
+    leaving the block restores whatever handlers were there."""
+    from scalevec.train.signals import StopSignal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGTERM
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 # ---------------------------------------------------------------------------------------------- corrupt
