@@ -428,6 +428,8 @@ BAD_INPUTS = {
                                               r"range for vocab_size 50257"), 1),
     "unknown-key-in-toml": (lambda t: [_text(t, "c.toml", b"[optim]\nlearning_rate = 1e-3\n").replace(
         "data.source=", "--config=")], r"unknown config key 'optim\.learning_rate'", 2),
+    "quoted-number-in-toml": (lambda t: [_text(t, "q.toml", b'[optim]\nlr = "3e-3"\n').replace(
+        "data.source=", "--config=")], r"optim\.lr: expected a number, got the string '3e-3'; in TOML", 2),
     "mistyped-key": (lambda t: ["train.stepz=5"], r"unknown config key 'train\.stepz' \(did you mean", 2),
     "wrong-type": (lambda t: ["train.steps=many"], r"train\.steps: expected an integer, got 'many'", 2),
     "negative-lr": (lambda t: ["optim.lr=-0.001"], r"optim\.lr: must be positive and finite, got -0\.001", 2),

@@ -19,6 +19,35 @@ class ConfigError(ValueError):
     """A config problem, with a message that names the offending key."""
 
 
+class FileText(str):
+    """A string read from a TOML file. TOML types its values, so a quoted number there is a mistake to report,
+    while the same text on the command line (where every value is text) is parsed."""
+
+
+# Names other trainers use for a key, so that a habit gets a suggestion as a typo does.
+ALIASES = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "iters": "steps",
+           "max_iters": "steps", "micro_batch_size": "batch_size", "block_size": "seq_len",
+           "context_length": "seq_len", "gradient_accumulation_steps": "grad_accum", "warmup_steps": "warmup",
+           "n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model", "dim": "d_model"}
+
+
+def _from_file(key: str, value: Any, expected: str) -> None:
+    if isinstance(value, FileText):
+        raise ConfigError(f"{key}: expected {expected}, got the string {str(value)!r}; in TOML write it without "
+                          "quotes")
+
+
+def suggest(key: str, names: list[str]) -> str:
+    """`` (did you mean X?)`` for a mistyped or borrowed key name, or nothing."""
+    import difflib
+
+    close = [ALIASES[key]] if ALIASES.get(key) in names else []
+    close += difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    close += [n for n in names if n[:3] == key[:3]]
+    close = list(dict.fromkeys(close))[:3]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -26,6 +55,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _int(key: str, value: Any) -> int:
+    _from_file(key, value, "an integer")
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -45,6 +75,7 @@ def _int(key: str, value: Any) -> int:
 
 
 def _float(key: str, value: Any) -> float:
+    _from_file(key, value, "a number")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -56,6 +87,7 @@ def _float(key: str, value: Any) -> float:
 
 
 def _bool(key: str, value: Any) -> bool:
+    _from_file(key, value, "true or false")
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
@@ -65,7 +97,7 @@ def _bool(key: str, value: Any) -> bool:
 
 def _str(key: str, value: Any) -> str:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+        return str.__str__(value) if isinstance(value, str) else str(value)
     raise ConfigError(f"{key}: expected a string, got {value!r}")
 
 
@@ -84,11 +116,13 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
-        return value
+            shown = str.__str__(value) if isinstance(value, str) else value
+            raise ConfigError(f"{key}: {shown!r} is not one of {', '.join(map(repr, allowed))}")
+        return allowed[allowed.index(value)]  # the declared value itself, not a FileText
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (isinstance(value, str) and not isinstance(value, FileText)
+                              and value.lower() in ("none", "null")):
             return None
         if len(args) == 1:
             return coerce(key, args[0], value)
@@ -100,14 +134,14 @@ def coerce(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
     if origin is dict:
         kt, vt = get_args(tp)
-        if isinstance(value, str):
+        if isinstance(value, str) and not isinstance(value, FileText):
             value = parse_inline(key, value)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
         return {coerce(f"{key}.{k}", kt, k): coerce(f"{key}.{k}", vt, v) for k, v in value.items()}
     if origin in (list, tuple):
         et = get_args(tp)[0]
-        if isinstance(value, str):
+        if isinstance(value, str) and not isinstance(value, FileText):
             value = parse_inline(key, value) if value.strip().startswith("[") else [
                 v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -140,9 +174,7 @@ def update(obj: Any, table: dict[str, Any], prefix: str = "") -> Any:
     for k, v in table.items():
         key = f"{prefix}{k}"
         if k not in types_:
-            close = [n for n in types_ if n[:3] == k[:3]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise ConfigError(f"unknown config key {key!r}{suggest(k, list(types_))}")
         tp = types_[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
@@ -193,9 +225,20 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        return tomllib.loads(p.read_text())
+        return _mark_text(tomllib.loads(p.read_text()))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+
+
+def _mark_text(value: Any) -> Any:
+    """Every string of a parsed TOML document as FileText, so a quoted number is refused where it lands."""
+    if isinstance(value, str):
+        return FileText(value)
+    if isinstance(value, dict):
+        return {k: _mark_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_text(v) for v in value]
+    return value
 
 
 def to_table(obj: Any) -> dict[str, Any]:
