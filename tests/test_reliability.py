@@ -243,7 +243,7 @@ def test_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_stays_intact(tmp_p
     p = run_cli("train", *args, f"run.out={run}", fault="sigint_in_ckpt:8")
     assert p.returncode == 130, p.stderr[-2000:]
     assert p.stderr.strip() == ("interrupted: the newest complete checkpoint is intact; continue with scalevec "
-                                "train --resume RUN_DIR")
+                                f"train --resume {run}")
     assert steps_of(run) == [4] and list((run / "checkpoints").glob(".tmp_step_00000008_*"))
     all_verify(run)
     p = run_cli("train", "--resume", str(run))

@@ -42,6 +42,7 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config or run_dir / "config.toml", [*args.overrides, f"run.out={run_dir}"])
     else:
         cfg = _load(args)
+    args.run_dir = Path(cfg.run.out)  # named if a second Ctrl-C aborts the run
     summary = train(cfg, resume=bool(args.resume), from_step=args.from_step)
     if int(os.environ.get("RANK", "0")) == 0:
         print(finished_line(summary, Path(cfg.run.out) / "summary.json"), flush=True)
@@ -216,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     except errors as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message
         return 2 if isinstance(e, ConfigError) else 1
-    except KeyboardInterrupt:
-        print(("\n" if sys.stderr.isatty() else "") + "interrupted: the newest complete checkpoint is intact; continue with scalevec train --resume "
-              "RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or any Ctrl-C elsewhere
+        line = "interrupted"
+        run_dir = getattr(args, "run_dir", None)
+        if run_dir is not None:
+            line += (": the newest complete checkpoint is intact; continue with scalevec train --resume "
+                     + shlex.quote(str(run_dir)))
+        print(("\n" if sys.stderr.isatty() else "") + line, file=sys.stderr)  # off the bar's line
         return 128 + signal.SIGINT
 
 
