@@ -349,6 +349,48 @@ def test_nonfinite_stops_naming_step_and_groups(tmp_path, base, capsys, monkeypa
     assert not (run / "summary.json").exists()
 
 
+def test_nonfinite_step_is_found_at_the_next_read_and_named_exactly(tmp_path, base, capsys, monkeypatch):
+    """Stop mode reads the device only at logged, evaluated and saved steps: a NaN at step 6, with logs at 5 and
+    10 and checkpoints at 4 and 8, is found before step 8's evaluation and checkpoint, and named as step 6 with
+    the group it was injected into; nothing after step 5 is written."""
+    monkeypatch.setenv(FAULT_ENV, "nan_grad:6:input_scale")
+    run = tmp_path / "run"
+    rc, _, err = cli(capsys, "train", *base, "train.steps=12", "train.log_every=5", "train.ckpt_every=4",
+                     f"run.out={run}")
+    line = one_error_line(err)
+    assert rc == 1 and "non-finite gradient at step 6" in line and "input_scale (first: blocks.0." in line, line
+    assert "matrix" not in line and "embedding" not in line
+    assert steps_of(run) == [4] and "the last good checkpoint" in line and line.count("step_00000004") == 1
+    assert max(r["step"] for r in metrics(run)) == 5 and not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize(("mode", "most"), [("stop", 12), ("skip", None)])
+def test_stop_mode_reads_the_device_only_when_it_logs(tmp_path, base, monkeypatch, mode, most):
+    """Host reads (item, tolist, bool, int, float of a tensor) made by the training loop itself in 30 steps
+    logged every 10: a few per logged step in stop mode; at least one per step in skip mode, which must decide
+    each update on the host."""
+    from scalevec.train import trainer
+
+    here = {trainer.__file__, sys.modules["scalevec.train.nonfinite"].__file__}
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            if sys._getframe(1).f_code.co_filename in here:
+                reads.append(sys._getframe(1).f_lineno)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    cfg = load_config(None, [*base, "train.steps=30", "train.log_every=10", "train.eval_every=0",
+                             "train.ckpt_every=0", f"train.on_nonfinite={mode}", f"run.out={tmp_path / 'run'}"])
+    trainer.train(cfg)
+    if most is None:
+        assert len(reads) >= 30, reads
+    else:
+        assert 0 < len(reads) <= most, reads
+
+
 def test_skip_mode_skips_and_counts_nonfinite_steps(tmp_path, base, capsys, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "nan_grad:3,inf_loss:5")
     run = tmp_path / "run"

@@ -1,13 +1,27 @@
-"""What a resume may change, and what it says when it changes the length of the run."""
+"""Resuming a run: what it may change, loading its checkpoint, and what it says when it changes the run's length."""
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from scalevec.config import Config, ConfigError, from_table
+from scalevec.fileio import atomic_write_text
 from scalevec.optim import decay_start, lr_factor
-from scalevec.train.checkpoint import list_checkpoints, step_of
+from scalevec.train import distributed as D
+from scalevec.train.checkpoint import (
+    list_checkpoints,
+    load_latest,
+    load_step,
+    remove_stale,
+    set_aside,
+    step_of,
+    supersede,
+)
+from scalevec.train.state import load_states
 from scalevec.typed_config import load_toml
 
 
@@ -55,3 +69,48 @@ def schedule_note(run_dir: Path, saved: Config, cfg: Config, start: int, trained
                      f"{cmd} {before[-1]} train.steps={total}" if before else
                      f"; no checkpoint from before the decay (step {old_decay}) is kept to stretch from")
     return line
+
+
+def load_for_resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, info: D.DistInfo,
+                    from_step: int | None):
+    """Load the newest valid checkpoint (or that of ``from_step``) into the model, optimizer, loader and RNG.
+
+    None when there is none yet (a run killed before its first checkpoint starts over). Writes nothing: a
+    resume that does not fit is refused before the run folder is touched.
+    """
+    loaded = load_latest(run_dir) if from_step is None else load_step(run_dir, from_step)
+    if loaded is None:
+        return None
+    st = loaded.state
+    try:
+        load_states(model, optimizer, loaded.model_state, st["optimizer"], cfg.dist.mode, info)
+        if st["loader"] is not None:  # None: an imported model at step 0, data starts fresh
+            pos = st["loader"]
+            loader.load_state_dict(pos[info.rank] if isinstance(pos, list) else pos)
+    except (ValueError, KeyError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"resume: {loaded.path} does not fit this config ({reason}); resume with the saved "
+                          "config or start a new run.out") from e
+    torch.set_rng_state(st["rng"])
+    return loaded
+
+
+def announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, from_step: int | None) -> int:
+    """Main rank: tidy the folder for the resumed run and say what it continues; returns the start step."""
+    start = loaded.state["step"] if loaded else 0
+    for line, ckpt in zip(loaded.skipped if loaded else [], loaded.corrupt if loaded else [], strict=True):
+        aside = set_aside(ckpt)
+        print(f"warning: {line}; set aside as {aside.name}; falling back to {loaded.path.name}", flush=True)
+    if n := remove_stale(run_dir):
+        print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
+    if from_step is not None and (newer := supersede(run_dir, start)):
+        print(f"set aside {len(newer)} newer checkpoint(s) as superseded_step_*: the run continues from step "
+              f"{start}", flush=True)
+    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    print(f"resumed from {loaded.path} at step {start}" if loaded else
+          f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
+    if loaded and saved is not None:
+        note = schedule_note(run_dir, saved, cfg, start, loaded.state.get("total_steps", saved.train.steps))
+        if note:
+            print(note, flush=True)
+    return start

@@ -30,20 +30,17 @@ from scalevec.train.checkpoint import (
     CheckpointError,
     injected_fault,
     list_checkpoints,
-    load_latest,
-    load_step,
-    remove_stale,
     save_checkpoint,
-    set_aside,
-    supersede,
 )
 from scalevec.train.compiling import compile_model
 from scalevec.train.errors import TrainingError, TrainingStopped
 from scalevec.train.mfu import flops_per_token
+from scalevec.train.nonfinite import NonfiniteWatch
 from scalevec.train.progress import Metrics, Progress
-from scalevec.train.resume import check_resume_config, saved_config, schedule_note
+from scalevec.train.resume import announce_resume, check_resume_config, load_for_resume, saved_config
 from scalevec.train.run import save_tokenizer_files
 from scalevec.train.signals import StopSignal
+from scalevec.train.state import model_state, optim_state
 
 __all__ = ["TrainingError", "TrainingStopped", "evaluate", "pick_device", "train"]
 
@@ -171,45 +168,6 @@ def evaluate(model: nn.Module, batches: list, cfg: Config, device: torch.device)
     return (total / max(1, len(batches))).item()
 
 
-def _model_state(model: nn.Module, mode: str, info: D.DistInfo) -> dict:
-    if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def _optim_state(model, optimizer, mode: str, info: D.DistInfo) -> dict:
-    if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: get_optimizer_state_dict(model, o, options=opts) for k, o in optimizer.optimizers.items()}
-    return optimizer.state_dict()
-
-
-def _load_states(model, optimizer, model_state, optim_state, mode: str, info: D.DistInfo) -> None:
-    if info.enabled and mode == "fsdp":
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(model, model_state, options=opts)
-        for k, o in optimizer.optimizers.items():
-            set_optimizer_state_dict(model, o, optim_state[k], options=opts)
-        return
-    missing, unexpected = model.load_state_dict(model_state, strict=False)
-    tied = {"head.weights.head"} if model.cfg.tie_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"checkpoint does not match the model: missing "
-                              f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    if optim_state is not None:  # None: an imported model, the optimizer starts fresh
-        optimizer.load_state_dict(optim_state)
-
-
 def _nonfinite_groups(optimizer, info: D.DistInfo) -> list[str]:
     """``role (first: param name)`` for each group whose gradient norm is not finite. Failure path only.
 
@@ -229,6 +187,12 @@ def _nonfinite_groups(optimizer, info: D.DistInfo) -> list[str]:
         if bad and role not in first:
             first[role] = name
     return [f"{role} (first: {name})" for role, name in first.items()]
+
+
+def nonfinite_line(step: int, loss: float, norm: float, groups: list[str]) -> str:
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    return (f"non-finite {what} at step {step} (loss {loss:.4g}, grad norm {norm:.4g}); groups with a non-finite "
+            f"gradient norm: {'; '.join(groups)}")
 
 
 def _poison_grad(optimizer, role: str) -> None:
@@ -283,51 +247,6 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, info: D.DistInfo)
     return saved
 
 
-def _resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loader, info: D.DistInfo,
-            from_step: int | None):
-    """Load the newest valid checkpoint (or that of ``from_step``) into the model, optimizer, loader and RNG.
-
-    None when there is none yet (a run killed before its first checkpoint starts over). Writes nothing: a
-    resume that does not fit is refused before the run folder is touched.
-    """
-    loaded = load_latest(run_dir) if from_step is None else load_step(run_dir, from_step)
-    if loaded is None:
-        return None
-    st = loaded.state
-    try:
-        _load_states(model, optimizer, loaded.model_state, st["optimizer"], cfg.dist.mode, info)
-        if st["loader"] is not None:  # None: an imported model at step 0, data starts fresh
-            pos = st["loader"]
-            loader.load_state_dict(pos[info.rank] if isinstance(pos, list) else pos)
-    except (ValueError, KeyError, RuntimeError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"resume: {loaded.path} does not fit this config ({reason}); resume with the saved "
-                          "config or start a new run.out") from e
-    torch.set_rng_state(st["rng"])
-    return loaded
-
-
-def _announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, from_step: int | None) -> int:
-    """Main rank: tidy the folder for the resumed run and say what it continues; returns the start step."""
-    start = loaded.state["step"] if loaded else 0
-    for line, ckpt in zip(loaded.skipped if loaded else [], loaded.corrupt if loaded else [], strict=True):
-        aside = set_aside(ckpt)
-        print(f"warning: {line}; set aside as {aside.name}; falling back to {loaded.path.name}", flush=True)
-    if n := remove_stale(run_dir):
-        print(f"removed {n} temporary checkpoint folder(s) left by a crash", flush=True)
-    if from_step is not None and (newer := supersede(run_dir, start)):
-        print(f"set aside {len(newer)} newer checkpoint(s) as superseded_step_*: the run continues from step "
-              f"{start}", flush=True)
-    atomic_write_text(run_dir / "config.toml", cfg.to_toml())
-    print(f"resumed from {loaded.path} at step {start}" if loaded else
-          f"no checkpoint in {run_dir} yet: starting from step 0", flush=True)
-    if loaded and saved is not None:
-        note = schedule_note(run_dir, saved, cfg, start, loaded.state.get("total_steps", saved.train.steps))
-        if note:
-            print(note, flush=True)
-    return start
-
-
 def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.device, info: D.DistInfo,
            run_dir: Path, stop: StopSignal) -> dict:
     t = cfg.train
@@ -353,14 +272,14 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
     start, tokens, wall_prev, skipped_steps = 0, 0, 0.0, 0
     if resume:
         target = wrapped if cfg.dist.mode == "fsdp" else model
-        loaded = _resume(run_dir, cfg, target, optimizer, batches.loader, info, from_step)
+        loaded = load_for_resume(run_dir, cfg, target, optimizer, batches.loader, info, from_step)
         D.barrier(info)  # every rank has loaded before the main rank changes the run folder
         if loaded is not None:
             st = loaded.state
             start, tokens, wall_prev = st["step"], st["tokens"], st["wall_s"]
             skipped_steps = st.get("skipped_steps", 0)
         if info.main:
-            _announce_resume(run_dir, loaded, saved_cfg, cfg, from_step)
+            announce_resume(run_dir, loaded, saved_cfg, cfg, from_step)
         D.barrier(info)  # superseded checkpoints are gone before any rank saves
     if info.main:
         for line in data_report(cfg, batches.loader, info.world_size, vocab_note):
@@ -381,8 +300,8 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
             gathered: list = [None] * info.world_size
             torch.distributed.all_gather_object(gathered, batches.loader.state_dict())
             loader_states = gathered
-        mstate = _model_state(wrapped if cfg.dist.mode == "fsdp" else model, cfg.dist.mode, info)
-        ostate = _optim_state(wrapped, optimizer, cfg.dist.mode, info)
+        mstate = model_state(wrapped if cfg.dist.mode == "fsdp" else model, cfg.dist.mode, info)
+        ostate = optim_state(wrapped, optimizer, cfg.dist.mode, info)
         if info.main:
             state = {"step": step, "tokens": tokens, "optimizer": ostate, "rng": torch.get_rng_state(),
                      "loader": loader_states if info.enabled else loader_states[0],
@@ -395,6 +314,48 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
         progress.close()
         metrics.close()
 
+    # A run that stops on a non-finite step needs no per-step host read to find it (FSDP shards the gradients
+    # whose names the diagnosis needs, so it reads every step, as skip mode must).
+    watch = None
+    if t.on_nonfinite == "stop" and not (info.enabled and cfg.dist.mode == "fsdp"):
+        watch = NonfiniteWatch(optimizer, trainable, device)
+
+    def params_with_grad() -> list:
+        return [p for p in trainable if p.grad is not None]
+
+    def update(params: list, grad_norm: torch.Tensor) -> None:
+        # clip_grad_norm_ split in two: clipping with a non-finite norm would smear NaN over every gradient
+        # and hide which groups diverged.
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for m in hooks:
+            m.after_optimizer_step()
+
+    def diverged(step: int, loss: float, norm: float, groups: list[str]) -> TrainingError:
+        close()
+        kept = list_checkpoints(run_dir)
+        kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint yet"
+        return TrainingError(f"{nonfinite_line(step, loss, norm, groups)}; {kept_msg}; train.on_nonfinite=skip "
+                             "skips such steps instead")
+
+    def check_finite() -> None:
+        found = watch.first() if watch is not None else None
+        if found is not None:
+            step, loss, norm, groups = found
+            raise diverged(step, loss, norm, groups or ["none"])
+
+    def stop_requested(at_sync: bool) -> bool:
+        """Single process: the flag. Across ranks: agreed (any rank's signal) at logged or saved steps, so that
+        every rank stops after the same step without a collective and a read every step."""
+        if not info.enabled:
+            return stop.requested
+        if not at_sync:
+            return False
+        votes = torch.full((), float(stop.requested), device=device)
+        return D.all_reduce_sum(votes, info).item() > 0
+
     # Test-only faults (docs/reliability.md): step numbers as in metrics.jsonl, -1 when unset.
     nan_fault, inf_fault = injected_fault("nan_grad"), injected_fault("inf_loss")
     nan_step, nan_role = nan_fault or (-1, "")
@@ -404,101 +365,95 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
     tick, tick_tokens = time.perf_counter(), 0
     val_loss = math.nan
     wrapped.train()
-    for step in range(start, t.steps):
-        done = step + 1  # the step number of metrics rows and checkpoints: updates applied after this one
-        lr = lr_factor(step, t.steps, cfg.schedule)
-        set_lr(optimizer, lr, cfg.optim)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(t.grad_accum):
-            x, y = batches.loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = contextlib.nullcontext()
-            if info.enabled and cfg.dist.mode == "ddp" and micro < t.grad_accum - 1:
-                sync = wrapped.no_sync()
-            with sync, _autocast(cfg, device):
-                loss = step_fn(x, y)
-                if done == inf_step:
-                    loss = loss * math.inf
+    try:
+        for step in range(start, t.steps):
+            done = step + 1  # the step number of metrics rows and checkpoints: updates applied after this one
+            lr = lr_factor(step, t.steps, cfg.schedule)
+            set_lr(optimizer, lr, cfg.optim)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                x, y = batches.loader.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if info.enabled and cfg.dist.mode == "ddp" and micro < t.grad_accum - 1:
+                    sync = wrapped.no_sync()
+                with sync, _autocast(cfg, device):
+                    loss = step_fn(x, y)
+                    if done == inf_step:
+                        loss = loss * math.inf
+                    aux = model.aux_loss()
+                    total = loss if aux is None else loss + aux
+                (total / t.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if done == nan_step:
+                _poison_grad(optimizer, nan_role)
+            reduced = D.all_reduce_mean(loss_sum / t.grad_accum, info)
+            logged = done % t.log_every == 0 or done == t.steps
+            evaluated = (t.eval_every and done % t.eval_every == 0) or done == t.steps
+            saved = (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or done == predecay
+            if watch is not None:  # no host sync: the update applies, and a non-finite step is found by the next read
+                grad_norm = watch.norm(done, reduced)
+                update(params_with_grad(), grad_norm)
+                if logged or evaluated or saved:
+                    check_finite()
+                train_loss, norm = (reduced.item(), grad_norm.item()) if logged else (math.nan, math.nan)
+            else:  # skip mode or FSDP: one host sync decides whether the update applies
+                params = params_with_grad()
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                train_loss, norm = torch.stack([reduced, grad_norm.float().reshape(())]).tolist()
+                if math.isfinite(train_loss) and math.isfinite(norm):
+                    update(params, grad_norm)
+                else:
+                    groups = _nonfinite_groups(optimizer, info) or ["none"]
+                    if t.on_nonfinite == "stop":
+                        raise diverged(done, train_loss, norm, groups)
+                    skipped_steps += 1
+                    if info.main:
+                        progress.note(f"warning: {nonfinite_line(done, train_loss, norm, groups)}; step skipped "
+                                      f"({skipped_steps} so far)", always=True)
+                    optimizer.zero_grad(set_to_none=True)
+            tokens += tokens_per_step
+            tick_tokens += tokens_per_step
+            row = None
+            if logged:
+                now = time.perf_counter()
+                tps = tick_tokens / max(now - tick, 1e-9)
+                tick, tick_tokens = now, 0
+                row = {"step": done, "tokens": tokens, "train_loss": train_loss, "lr": lr * cfg.optim.lr,
+                       "lr_factor": lr, "grad_norm": norm, "tok_per_s": tps}
+                if skipped_steps:
+                    row["skipped_steps"] = skipped_steps
                 aux = model.aux_loss()
-                total = loss if aux is None else loss + aux
-            (total / t.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if done == nan_step:
-            _poison_grad(optimizer, nan_role)
-        # clip_grad_norm_ split in two: clipping with a non-finite norm would smear NaN over every gradient
-        # and hide which groups diverged.
-        params = [p for p in trainable if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        # The step's one host sync: whether the update may be applied, read together with the loss, the
-        # norm and (across ranks) whether any rank got a stop signal, so that logging and stopping add none.
-        reduced = loss_sum / t.grad_accum
-        if info.enabled:
-            votes = torch.full((), float(stop.requested), device=device)
-            reduced, votes = D.all_reduce_sum(torch.stack([reduced, votes]), info).unbind()
-            reduced = reduced / info.world_size
-            train_loss, norm, stop_votes = torch.stack([reduced, grad_norm.float().reshape(()), votes]).tolist()
-        else:
-            train_loss, norm = torch.stack([reduced, grad_norm.float().reshape(())]).tolist()
-            stop_votes = float(stop.requested)
-        if not (math.isfinite(train_loss) and math.isfinite(norm)):
-            what = "loss" if not math.isfinite(train_loss) else "gradient"
-            bad = _nonfinite_groups(optimizer, info) or ["none"]
-            diag = (f"non-finite {what} at step {done} (loss {train_loss:.4g}, grad norm {norm:.4g}); groups "
-                    f"with a non-finite gradient norm: {'; '.join(bad)}")
-            if t.on_nonfinite == "stop":
-                close()
-                kept = list_checkpoints(run_dir)
-                kept_msg = f"the last good checkpoint {kept[-1]} is kept" if kept else "no checkpoint yet"
-                raise TrainingError(f"{diag}; {kept_msg}; train.on_nonfinite=skip skips such steps instead")
-            skipped_steps += 1
-            if info.main:
-                progress.note(f"warning: {diag}; step skipped ({skipped_steps} so far)", always=True)
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.grad_clip, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for m in hooks:
-                m.after_optimizer_step()
-        tokens += tokens_per_step
-        tick_tokens += tokens_per_step
-        row = None
-        if done % t.log_every == 0 or done == t.steps:
-            now = time.perf_counter()
-            tps = tick_tokens / max(now - tick, 1e-9)
-            tick, tick_tokens = now, 0
-            row = {"step": done, "tokens": tokens, "train_loss": train_loss, "lr": lr * cfg.optim.lr,
-                   "lr_factor": lr, "grad_norm": norm, "tok_per_s": tps}
-            if skipped_steps:
-                row["skipped_steps"] = skipped_steps
-            aux = model.aux_loss()
-            if aux is not None:
-                row["aux_loss"] = aux.item()
-            metrics.write(**row)
-        progress.step(done, row)
-        if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-            val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
-            row = {"step": done, "tokens": tokens, "val_loss": val_loss}
-            for m in eval_hooks:
-                row.update(m.eval_metrics())
-            if gamma_stats:
-                row.update(scale_statistics(model))
-            metrics.write(**row)
-            progress.note(f"step {done}: val_loss {val_loss:.4f}")
-        saved = (t.ckpt_every and done % t.ckpt_every == 0) or done == t.steps or done == predecay
-        if saved:
-            checkpoint(done)
-        if done < t.steps and stop_votes > 0:
-            if not saved:
+                if aux is not None:
+                    row["aux_loss"] = aux.item()
+                metrics.write(**row)
+            progress.step(done, row)
+            if evaluated:
+                val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
+                row = {"step": done, "tokens": tokens, "val_loss": val_loss}
+                for m in eval_hooks:
+                    row.update(m.eval_metrics())
+                if gamma_stats:
+                    row.update(scale_statistics(model))
+                metrics.write(**row)
+                progress.note(f"step {done}: val_loss {val_loss:.4f}")
+            if saved:
                 checkpoint(done)
-            close()  # the bar ends its line before the stop is reported on a line of its own
-            signum = stop.signum or signal.SIGTERM  # a rank that got no signal stops with the one that did
-            who = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
-            raise TrainingStopped(f"stopped by {who} after step {done}; its checkpoint is saved; continue with "
-                                  f"scalevec train --resume {shlex.quote(str(run_dir))}", signum)
+            if done < t.steps and stop_requested(logged or saved):
+                if not saved:
+                    check_finite()
+                    checkpoint(done)
+                close()  # the bar ends its line before the stop is reported on a line of its own
+                signum = stop.signum or signal.SIGTERM  # a rank that got no signal stops with the one that did
+                who = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+                raise TrainingStopped(f"stopped by {who} after step {done}; its checkpoint is saved; continue with "
+                                      f"scalevec train --resume {shlex.quote(str(run_dir))}", signum)
+    except Exception as e:  # re-raised; a crash on weights that a non-finite step left is named as that step
+        if watch is not None and not isinstance(e, (TrainingError, CheckpointError)):
+            check_finite()
+        raise
     close()
     if start >= t.steps:  # nothing left to do: report the stored final evaluation
         val_loss = evaluate(step_fn, batches.eval_set, cfg, device)
