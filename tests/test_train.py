@@ -382,3 +382,28 @@ def test_a_run_off_a_terminal_logs_lines_and_ends_with_one_human_line(tmp_path, 
                           done).groups()
     expected = 100 * summary["tok_per_s"] * summary["flops_per_token"] / (float(peak.replace(",", "")) * 1e9)
     assert float(mfu) == pytest.approx(expected, rel=0.05, abs=0.06)
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(capsys):
+    from scalevec.train.progress import Progress, clock
+
+    row = {"train_loss": 2.5, "tok_per_s": 1000.0, "lr": 1e-3}
+    bar = Progress(True, 4, 0, "run", interactive=True)
+    for done in range(1, 5):
+        bar.step(done, row if done % 2 == 0 else None)
+    bar.note("step 4: val_loss 2.4000")
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "" and "\r" in err and "4/4" in err and "\nstep 4: val_loss 2.4000\n" in "\n" + err
+    lines = Progress(True, 4, 0, "run", interactive=False)
+    for done in range(1, 5):
+        lines.step(done, row if done % 2 == 0 else None)
+    lines.close()
+    out, err = capsys.readouterr()
+    assert err == "" and [ln.split()[:4] for ln in out.splitlines()] == [["step", "2/4", "loss", "2.5000"],
+                                                                        ["step", "4/4", "loss", "2.5000"]]
+    silent = Progress(False, 4, 0, "run")
+    silent.step(2, row)
+    silent.note("quiet")
+    assert capsys.readouterr() == ("", "")
+    assert [clock(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]

@@ -37,6 +37,8 @@ def check_resume_config(saved: Config, cfg: Config) -> None:
             vb = getattr(b, key)
             if key == "vocab_size" and section == "model" and vb == 0:
                 continue
+            if key == "vocab_size" and section == "data" and (b.tokenizer != "bpe" or b.train_bin):
+                continue  # recorded from the tokenizer rather than chosen: the data itself is checked
             if va != vb:
                 raise ConfigError(f"resume: {section}.{key} changed from {va!r} to {vb!r}; "
                                   "start a new run.out instead")
