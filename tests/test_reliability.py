@@ -459,7 +459,7 @@ BAD_INPUTS = {
                     r"prog\.txt: not a text file \(a NUL byte at offset 7\)", 1),
     "mostly-undecodable": (lambda t: [_text(t, "blob.txt", "some text\n".encode("latin-1") * 20
                                             + bytes(range(0x80, 0x100)) * 4)],
-                           r"utf16\.txt: not a text file \(512 of 712 bytes, 71\.9%, are not UTF-8", 1),
+                           r"blob\.txt: not a text file \(512 of 712 bytes, 71\.9%, are not UTF-8", 1),
     "shard-magic": (lambda t: _bad_shard(t, lambda b: b"\0" * 4 + b[4:]),
                     r"train_000\.bin: magic number 0, expected 20240520", 1),
     "shard-version": (lambda t: _bad_shard(t, lambda b: b[:4] + np.int32(7).tobytes() + b[8:]),

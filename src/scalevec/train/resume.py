@@ -97,8 +97,8 @@ def load_for_resume(run_dir: Path, cfg: Config, model: nn.Module, optimizer, loa
     return loaded
 
 
-def announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, from_step: int | None) -> int:
-    """Main rank: tidy the folder for the resumed run and say what it continues; returns the start step."""
+def announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, from_step: int | None) -> None:
+    """Main rank: tidy the folder for the resumed run and say what it continues."""
     start = loaded.state["step"] if loaded else 0
     for line, ckpt in zip(loaded.skipped if loaded else [], loaded.corrupt if loaded else [], strict=True):
         aside = set_aside(ckpt)
@@ -115,4 +115,3 @@ def announce_resume(run_dir: Path, loaded, saved: Config | None, cfg: Config, fr
         note = schedule_note(run_dir, saved, cfg, start, loaded.state.get("total_steps", saved.train.steps))
         if note:
             print(note, flush=True)
-    return start
