@@ -328,7 +328,8 @@ def test_corrupt_checkpoints_are_reported_and_resume_falls_back(tmp_path, base, 
     ("nan_grad:6:input_scale", [], "non-finite gradient at step 6", ["input_scale (first: blocks.0."]),
     ("inf_loss:6", [], "non-finite loss at step 6", ["embedding (first: embed)", "matrix (first: blocks.0."]),
     (None, ["optim.lr=1e30", "schedule.warmup=0"], "non-finite gradient at step ", ["matrix (first: "]),
-], ids=["nan-grad", "inf-loss", "lr-overflow"])
+    ("nan_grad:6:matrix", ["optim.name=muon"], "non-finite gradient at step 6", ["matrix (first: blocks.0."]),
+], ids=["nan-grad", "inf-loss", "lr-overflow", "nan-grad-muon"])
 def test_nonfinite_stops_naming_step_and_groups(tmp_path, base, capsys, monkeypatch, fault, extra, message,
                                                 groups):
     if fault:
@@ -340,8 +341,9 @@ def test_nonfinite_stops_naming_step_and_groups(tmp_path, base, capsys, monkeypa
     line = one_error_line(err)
     assert rc == 1 and message in line, line
     assert all(g in line for g in groups), line
-    if fault and fault.startswith("nan_grad"):
-        assert "matrix" not in line and "embedding" not in line  # only the poisoned group is named
+    if fault and fault.startswith("nan_grad"):  # only the poisoned group is named
+        poisoned = fault.split(":")[2]
+        assert all(r not in line for r in ("matrix", "embedding", "input_scale") if r != poisoned), line
     failed = int(line.split(" at step ")[1].split()[0])
     assert f"the last good checkpoint {list_checkpoints(run)[-1]} is kept" in line
     assert steps_of(run)[-1] == (failed - 1) // every * every  # nothing saved after the last good step

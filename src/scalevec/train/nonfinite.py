@@ -8,6 +8,38 @@ Nothing a run writes can hold a non-finite step: each write asks first.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from scalevec.roles import Role
+from scalevec.train import distributed as D
+
+Label = tuple[str, str]  # (role, parameter name)
+
+
+def param_labels(model: nn.Module, roles: dict[str, Role], params: list[nn.Parameter]) -> list[Label]:
+    """The role and name of each of ``params`` (the optimizer's groups do not all keep names: Muon's drop them)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [(roles[name_of[id(p)]].value, name_of[id(p)]) for p in params]
+
+
+def name_groups(labels: list[Label], bad: list) -> list[str]:
+    """``role (first: name)`` for each role with a flagged parameter, in parameter order."""
+    first: dict[str, str] = {}
+    for (role, name), flag in zip(labels, bad, strict=True):
+        if flag and role not in first:
+            first[role] = name
+    return [f"{role} (first: {name})" for role, name in first.items()]
+
+
+def nonfinite_groups(labels: list[Label], params: list[nn.Parameter], info: D.DistInfo) -> list[str]:
+    """The roles whose gradients are not finite now; a failure-path read. Sharded (FSDP) gradients are checked
+    shard by shard and the flags OR-reduced, so every rank names the same groups without gathering one."""
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+    flags = torch.tensor([g is not None and not bool(torch.isfinite(g).all()) for g in local], dtype=torch.int32)
+    if info.enabled:
+        flags = flags.to(params[0].device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return name_groups(labels, flags.tolist())
 
 
 def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,11 +56,8 @@ def grad_norms(grads: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class NonfiniteWatch:
     """The first non-finite step, recorded with device ops only; ``first()`` reads it (one host sync)."""
 
-    def __init__(self, optimizer, params: list[torch.nn.Parameter], device: torch.device):
-        names = {id(p): (g["role"], n) for g in optimizer.param_groups
-                 for n, p in zip(g["names"], g["params"], strict=True)}
-        self.params = params
-        self.labels = [names.get(id(p), ("unknown", "?")) for p in params]
+    def __init__(self, params: list[nn.Parameter], labels: list[Label], device: torch.device):
+        self.params, self.labels = params, labels
         self.step = torch.full((), -1, dtype=torch.long, device=device)
         self.values = torch.zeros(2, device=device)
         self.bad = torch.zeros(len(params), dtype=torch.bool, device=device)
@@ -55,8 +84,4 @@ class NonfiniteWatch:
         if step < 0:
             return None
         loss, norm = self.values.tolist()
-        first: dict[str, str] = {}
-        for (role, name), bad in zip(self.labels, self.bad.tolist(), strict=True):
-            if bad and role not in first:
-                first[role] = name
-        return step, loss, norm, [f"{role} (first: {name})" for role, name in first.items()]
+        return step, loss, norm, name_groups(self.labels, self.bad.tolist())

@@ -35,7 +35,7 @@ from scalevec.train.checkpoint import (
 from scalevec.train.compiling import compile_model
 from scalevec.train.errors import TrainingError, TrainingStopped
 from scalevec.train.mfu import flops_per_token
-from scalevec.train.nonfinite import NonfiniteWatch
+from scalevec.train.nonfinite import NonfiniteWatch, nonfinite_groups, param_labels
 from scalevec.train.progress import Metrics, Progress
 from scalevec.train.resume import announce_resume, check_resume_config, load_for_resume, saved_config
 from scalevec.train.run import save_tokenizer_files
@@ -168,27 +168,6 @@ def evaluate(model: nn.Module, batches: list, cfg: Config, device: torch.device)
     return (total / max(1, len(batches))).item()
 
 
-def _nonfinite_groups(optimizer, info: D.DistInfo) -> list[str]:
-    """``role (first: param name)`` for each group whose gradient norm is not finite. Failure path only.
-
-    Sharded (FSDP) gradients are checked shard by shard and the flags OR-reduced, so every rank names the
-    same groups without gathering a gradient.
-    """
-    named = [(g["role"], n, p) for g in optimizer.param_groups
-             for n, p in zip(g["names"], g["params"], strict=True)]
-    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for _, _, p in named]
-    flags = torch.tensor([x is not None and not bool(torch.isfinite(x).all()) for x in local],
-                         dtype=torch.int32)
-    if info.enabled:
-        flags = flags.to(named[0][2].device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    first: dict[str, str] = {}
-    for (role, name, _), bad in zip(named, flags.tolist(), strict=True):
-        if bad and role not in first:
-            first[role] = name
-    return [f"{role} (first: {name})" for role, name in first.items()]
-
-
 def nonfinite_line(step: int, loss: float, norm: float, groups: list[str]) -> str:
     what = "loss" if not math.isfinite(loss) else "gradient"
     return (f"non-finite {what} at step {step} (loss {loss:.4g}, grad norm {norm:.4g}); groups with a non-finite "
@@ -316,9 +295,10 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
 
     # A run that stops on a non-finite step needs no per-step host read to find it (FSDP shards the gradients
     # whose names the diagnosis needs, so it reads every step, as skip mode must).
+    labels = param_labels(model, roles, trainable)
     watch = None
     if t.on_nonfinite == "stop" and not (info.enabled and cfg.dist.mode == "fsdp"):
-        watch = NonfiniteWatch(optimizer, trainable, device)
+        watch = NonfiniteWatch(trainable, labels, device)
 
     def params_with_grad() -> list:
         return [p for p in trainable if p.grad is not None]
@@ -406,7 +386,7 @@ def _train(cfg: Config, resume: bool, from_step: int | None, device: torch.devic
                 if math.isfinite(train_loss) and math.isfinite(norm):
                     update(params, grad_norm)
                 else:
-                    groups = _nonfinite_groups(optimizer, info) or ["none"]
+                    groups = nonfinite_groups(labels, trainable, info) or ["none"]
                     if t.on_nonfinite == "stop":
                         raise diverged(done, train_loss, norm, groups)
                     skipped_steps += 1
