@@ -52,7 +52,7 @@ def schedule_note(run_dir: Path, saved: Config, cfg: Config, start: int, trained
     checkpoint before the decay (``--from-step``), whose stable phase the longer schedule simply stretches.
     """
     total, sched = cfg.train.steps, cfg.schedule
-    if trained_for == total or start >= total:
+    if trained_for == total or start >= total or start == 0:  # step 0 (an import): no schedule was followed
         return None
     old_step = min(start, trained_for - 1)  # past the end of the old schedule: the LR it ended at
     old_lr = lr_factor(old_step, trained_for, saved.schedule) * saved.optim.lr
