@@ -38,8 +38,8 @@ def paired(arm: dict[int, float], ref: dict[int, float]) -> dict:
         return out
     p = paired_t({k: arm[k] for k in seeds}, {k: ref[k] for k in seeds})
     out.update(sd=finite(p.sd), p=finite(p.p))
-    if math.isfinite(p.min_sig):
-        out["ci95"] = [p.mean - p.min_sig, p.mean + p.min_sig]
+    if math.isfinite(p.lo) and math.isfinite(p.hi):
+        out["ci95"] = [p.lo, p.hi]
     return out
 
 

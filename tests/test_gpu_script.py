@@ -115,3 +115,12 @@ def test_gpu_script_stops_at_the_preflight_with_one_line(tmp_path):
         f"gpu preflight: no prepared corpus at {tmp_path / 'missing'} (make gpu-prep on CPU, then carry .cache/gpu)"]
     proc = run_script({"OUT": str(tmp_path / "out")}, "x", timeout=60)
     assert proc.returncode == 2 and "unknown phase 'x'" in proc.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export", "sample"])
+def test_commands_the_gpu_runs_import_nothing_the_image_lacks(tmp_path, command):
+    """Building the command line imports every subcommand's module: none may need a package the image lacks."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    proc = subprocess.run([sys.executable, "-m", "scalevec", command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

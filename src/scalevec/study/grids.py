@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scalevec.study.spec import Knobs, RunSpec
-from scalevec.study.tuning import fit_optimum
 from scalevec.typed_config import ConfigError
 
 Lookup = Callable[[RunSpec], float | None]  # score of a finished run (inf: diverged), else None
@@ -237,6 +236,8 @@ def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
     """The first setup's rungs at each arm's grid point nearest its fitted optimum: the baseline at every token
     ratio (a schedule of its own each), unified at ratio 1 (both ratio-1 runs are grid runs, shared, not
     retrained); the compute multiplier reads these."""
+    from scalevec.study.tuning import fit_optimum  # scipy: only when a study runs, not for `scalevec train`
+
     grid = unified_main(k, lookup)
     setup = k.setups[0]
     specs: list[RunSpec] = []
@@ -274,6 +275,8 @@ def lr_sweep_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
 
 def best_lrs(specs: list[RunSpec], lookup: Lookup) -> dict[str, dict]:
     """Per strategy of a sweep: the optimum of a quadratic in log LR (``tuning.fit_optimum``)."""
+    from scalevec.study.tuning import fit_optimum  # scipy: only when a study runs, not for `scalevec train`
+
     by: dict[str, dict[tuple[float, int], float]] = defaultdict(dict)
     for sp in specs:
         v = lookup(sp)
