@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from scalevec import cpu_kernels
 from scalevec.config import OptimConfig
 from scalevec.models import build_model, model_preset
 from scalevec.models.config import ModelConfig
+from scalevec.ops import dnp_swiglu as kernel_ops
 from scalevec.optim import build_optimizer
 from scalevec.strategy import ScaleConfig, preset
 from scalevec.train.compiling import compile_model
@@ -71,7 +71,7 @@ def scale_config(strategy: str | ScaleConfig) -> ScaleConfig:
 def build(shape: Shape, strategy: str | ScaleConfig, seed: int = 0, device: str = "cpu") -> nn.Module:
     torch.manual_seed(seed)
     model = build_model(shape.model_config(), scale_config(strategy)).to(device)
-    cpu_kernels.enable(model)  # as the trainer does: DNP's kernel on CPU, nothing on a GPU
+    kernel_ops.enable(model)  # as the trainer does: DNP's kernel on CPU, nothing on a GPU
     return model
 
 

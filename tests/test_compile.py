@@ -10,9 +10,10 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from scalevec import cpu_kernels
-from scalevec.layers import dnp_swiglu, scaled_weight
+from scalevec.layers import scaled_weight
 from scalevec.models import build_model, model_preset
+from scalevec.ops import dnp_swiglu as kernel_ops
+from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.strategy import PRESETS, preset
 from scalevec.train.trainer import cpu_compiler_available
 
@@ -94,7 +95,7 @@ def test_dnp_swiglu_bf16_matches_fp32_reference(kernel, request):
     g = torch.Generator().manual_seed(0)
     gate_up = torch.randn(64, 64, generator=g).bfloat16()
     gain = 1 + 0.3 * torch.randn(32, generator=g)
-    with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+    with contextlib.nullcontext() if kernel else kernel_ops.disabled():
         out = dnp_swiglu(gate_up, gain, 1e-6)
     gate, up = gate_up.float().chunk(2, -1)
     ref = F.silu(F.rms_norm(gate, (32,), gain, 1e-6)) * F.rms_norm(up, (32,), None, 1e-6)
@@ -116,7 +117,7 @@ def test_dnp_swiglu_bf16_gradients_match_fp32_within_bf16_rounding(kernel, reque
     ref = F.silu(F.rms_norm(gate32, (64,), gain32, 1e-6)) * F.rms_norm(up32, (64,), None, 1e-6)
     (ref * w).sum().backward()
     gain = gain32.detach().clone().requires_grad_()
-    with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+    with contextlib.nullcontext() if kernel else kernel_ops.disabled():
         (dnp_swiglu(gate_up32.bfloat16().requires_grad_(), gain, 1e-6).float() * w).sum().backward()
     assert gain.grad.dtype == torch.float32
     torch.testing.assert_close(gain.grad, gain32.grad, rtol=3e-2, atol=3e-2 * gain32.grad.abs().mean().item())

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from scalevec import cpu_kernels
-from scalevec.layers import _DNPSwiGLU, dnp_swiglu
+from scalevec.ops import dnp_swiglu as kernel_ops
+from scalevec.ops.dnp_swiglu import DNPSwiGLU, dnp_swiglu
 
 # The kernel's own tests need it built; the fallback tests at the end run everywhere, above all without a compiler.
 needs_kernel = pytest.mark.usefixtures("cpu_kernel")
@@ -33,12 +33,12 @@ def _run(fn, gate_up, gain, dh):
 
 
 def _kernel(gate_up, gain):
-    assert cpu_kernels.dnp_swiglu_applies(gate_up)
+    assert kernel_ops.applies(gate_up)
     return dnp_swiglu(gate_up, gain, 1e-6)
 
 
 def _reference(gate_up, gain):  # the PyTorch formulation in float64
-    return _DNPSwiGLU.apply(gate_up.double(), gain.double(), 1e-6)
+    return DNPSwiGLU.apply(gate_up.double(), gain.double(), 1e-6)
 
 
 # Widths: whole vector chunks, a partial last chunk, and narrower than one chunk; rows: not a multiple of the
@@ -89,7 +89,7 @@ def test_double_backward_matches_the_pytorch_formulation():
         if use_kernel:
             h = dnp_swiglu(x, g, 1e-6)
         else:
-            with cpu_kernels.disabled():
+            with kernel_ops.disabled():
                 h = dnp_swiglu(x, g, 1e-6)
         dx, = torch.autograd.grad(h.square().sum(), x, create_graph=True)
         return torch.autograd.grad(dx.sum(), (x, g))
@@ -108,12 +108,12 @@ def test_operator_registration(dtype):
 @needs_kernel
 def test_disabled_runs_the_pytorch_formulation():
     gate_up, gain, _ = _inputs(16, 32, torch.bfloat16)
-    with cpu_kernels.disabled():
-        assert not cpu_kernels.dnp_swiglu_applies(gate_up)
+    with kernel_ops.disabled():
+        assert not kernel_ops.applies(gate_up)
         got = dnp_swiglu(gate_up, gain, 1e-6)
-    assert cpu_kernels.dnp_swiglu_applies(gate_up)
-    assert not cpu_kernels.dnp_swiglu_applies(gate_up.double())
-    torch.testing.assert_close(got, _DNPSwiGLU.apply(gate_up, gain, 1e-6), rtol=0, atol=0)
+    assert kernel_ops.applies(gate_up)
+    assert not kernel_ops.applies(gate_up.double())
+    torch.testing.assert_close(got, DNPSwiGLU.apply(gate_up, gain, 1e-6), rtol=0, atol=0)
 @needs_kernel
 def test_bad_input_is_refused_with_a_named_reason():
     with pytest.raises(RuntimeError, match=r"gate_up must hold \[gate \| up\]"):
@@ -126,26 +126,26 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
     def broken():
         raise RuntimeError("Error building extension 'x': g++ exited with 1\n<a page of compiler output>")
 
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
-    monkeypatch.setattr(cpu_kernels, "_ready", False)
-    monkeypatch.setattr(cpu_kernels, "_build", broken)
-    monkeypatch.delenv(cpu_kernels.ENV, raising=False)
+    monkeypatch.setattr(kernel_ops, "_tried", False)
+    monkeypatch.setattr(kernel_ops, "_ready", False)
+    monkeypatch.setattr(kernel_ops, "_build", broken)
+    monkeypatch.delenv(kernel_ops.ENV, raising=False)
     with pytest.warns(RuntimeWarning, match=r"CPU kernels not built \(Error building extension 'x': g\+\+ exited "
                                             r"with 1\); DNP runs its PyTorch formulation") as caught:
-        assert not cpu_kernels.load()
+        assert not kernel_ops.load()
     assert "compiler output" not in str(caught[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not cpu_kernels.load()  # tried once: no second build, no second warning
+        assert not kernel_ops.load()  # tried once: no second build, no second warning
     gate_up, gain, _ = _inputs(4, 16, torch.float32)
-    assert not cpu_kernels.dnp_swiglu_applies(gate_up)
+    assert not kernel_ops.applies(gate_up)
     dnp_swiglu(gate_up, gain, 1e-6)
 
 
 def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_tried", False)
-    monkeypatch.setattr(cpu_kernels, "_ready", False)
-    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    monkeypatch.setattr(kernel_ops, "_tried", False)
+    monkeypatch.setattr(kernel_ops, "_ready", False)
+    monkeypatch.setenv(kernel_ops.ENV, "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not cpu_kernels.load()
+        assert not kernel_ops.load()

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scalevec import cpu_kernels
 from scalevec.models import KVCache, build_model, model_preset
+from scalevec.ops import dnp_swiglu as kernel_ops
 from scalevec.strategy import preset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -29,16 +29,16 @@ def gqa_model(strategy: str = "unified", style: str = "llama"):
 
 def test_model_constructors_build_no_kernel_and_enable_builds_it_on_cpu_only(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_kernels, "load", lambda: calls.append(1) or True)
+    monkeypatch.setattr(kernel_ops, "load", lambda: calls.append(1) or True)
     model = gqa_model("unified")
     moe = model_preset("moe-tiny")
     moe.vocab_size = 96
     moe_model = build_model(moe, preset("unified"))
     assert calls == []  # constructing DNP models (dense and MoE) builds nothing
-    assert not cpu_kernels.enable(gqa_model("baseline"))  # no DNP SwiGLU: nothing to build
-    assert not cpu_kernels.enable(model.to("meta"))  # not on CPU (as on a GPU): nothing to build
+    assert not kernel_ops.enable(gqa_model("baseline"))  # no DNP SwiGLU: nothing to build
+    assert not kernel_ops.enable(model.to("meta"))  # not on CPU (as on a GPU): nothing to build
     assert calls == []
-    assert cpu_kernels.enable(gqa_model("unified")) and cpu_kernels.enable(moe_model)
+    assert kernel_ops.enable(gqa_model("unified")) and kernel_ops.enable(moe_model)
     assert calls == [1, 1]
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import scalevec.models.moe as moe_mod
-from scalevec import cpu_kernels
 from scalevec.config import load_config
 from scalevec.fold import fold
 from scalevec.info import count_params
@@ -21,6 +20,7 @@ from scalevec.models import build_model, model_preset
 from scalevec.models.config import MODEL_PRESETS, ModelConfig, MoEConfig
 from scalevec.models.moe import MoE, active_params, expert_load_metrics, moe_layers
 from scalevec.muon_batched import BatchedMuon
+from scalevec.ops import dnp_swiglu as kernel_ops
 from scalevec.roles import SCALE_ROLES, Role, param_roles, role_of
 from scalevec.scale import gains
 from scalevec.strategy import preset
@@ -123,20 +123,20 @@ def test_shared_dnp_gains_take_dnp_swiglu_with_the_same_gradients(kernel, reques
     if kernel:
         request.getfixturevalue("cpu_kernel")
     m = MoE(small_cfg(num_shared=1), strategy("unified"))
-    assert m.dnp_shared
+    assert m.uses_dnp_swiglu
     randomize(m)
     x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2))
     w = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(3))
 
     def run():
         m.zero_grad()
-        with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+        with contextlib.nullcontext() if kernel else kernel_ops.disabled():
             y = m(x)
         (y * w).sum().backward()
         return y.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     y, grads = run()
-    m.dnp_shared = False
+    m.uses_dnp_swiglu = False
     y_ref, grads_ref = run()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads_ref.keys()

@@ -10,7 +10,7 @@ kernel sums γ_gate's gradient in fp32 per row block itself).
   bf16-sum   the column sum of t rounded to bf16 (halves what is materialised)
   blocked    16 partial sums over token blocks, then their sum
   mm         a ones-vector matmul over the fp32 product
-  mm-bf16    the same on the product rounded to bf16: what scalevec runs under autocast (``layers._token_sum``)
+  mm-bf16    the same on the product rounded to bf16: what scalevec runs under autocast (``ops.dnp_swiglu.token_sum``)
   no-dgain   γ_gate gets no gradient: a floor, the cost of the two norms alone (not a usable variant)
 """
 
@@ -23,7 +23,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from kernels import EPS, MLPCase, report, timed
 
-from scalevec.layers import _DNPSwiGLU, _token_sum
+from scalevec.ops.dnp_swiglu import formula, gradients, token_sum
 
 
 def _ones_matmul(t: torch.Tensor) -> torch.Tensor:
@@ -35,17 +35,33 @@ VARIANTS = {
     "bf16-sum": lambda t, dtype: t.flatten(0, -2).to(dtype).sum(0, dtype=torch.float32),
     "blocked": lambda t, dtype: t.flatten(0, -2).view(16, -1, t.shape[-1]).sum(1).sum(0),
     "mm": lambda t, dtype: _ones_matmul(t.flatten(0, -2)),
-    "mm-bf16": _token_sum,
+    "mm-bf16": token_sum,
     "no-dgain": lambda t, dtype: None,
 }
+
+
+class _WithSum(torch.autograd.Function):
+    """``ops.dnp_swiglu.DNPSwiGLU`` with the reduction of γ's per-token gradient passed in."""
+
+    @staticmethod
+    def forward(ctx, gate_up, gain, reduce):
+        ctx.save_for_backward(gate_up, gain)
+        ctx.reduce = reduce
+        return formula(gate_up, gain, EPS)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate_up, gain = ctx.saved_tensors
+        dgate_up, per_token = gradients(dh, gate_up, gain, EPS)
+        dgain = ctx.reduce(per_token, gate_up.dtype)
+        return dgate_up, None if dgain is None else dgain.to(gain.dtype), None
 
 
 def run(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
     case = MLPCase.make(tokens, d, d_ff)
 
-    def with_sum(token_sum):  # what MLP.forward runs for DNP, with this reduction in the backward
-        return lambda gu: F.linear(_DNPSwiGLU.apply(gu, case.g_gate, EPS, token_sum),
-                                     (case.w_down * case.g_up).bfloat16())
+    def with_sum(reduce):  # what MLP.forward runs for DNP, with this reduction in the backward
+        return lambda gu: F.linear(_WithSum.apply(gu, case.g_gate, reduce), (case.w_down * case.g_up).bfloat16())
 
     fns = {"plain SwiGLU (baseline)": case.plain, **{f"DNP {k}": with_sum(v) for k, v in VARIANTS.items()}}
     times = timed({k: case.step(f) for k, f in fns.items()}, rounds)

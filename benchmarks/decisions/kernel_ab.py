@@ -1,4 +1,4 @@
-"""Two versions of the DNP CPU kernel (``src/scalevec/csrc/dnp_swiglu.cpp``) against each other, in one process.
+"""Two versions of the DNP CPU kernel (``src/scalevec/ops/csrc/dnp_swiglu.cpp``) against each other, in one process.
 
     python benchmarks/decisions/kernel_ab.py                       # HEAD's kernel (base) vs the working tree's (candidate)
     python benchmarks/decisions/kernel_ab.py --base 117a869 --rows 1024 --width 3328
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.cpp_extension import load
 
-from scalevec.cpu_kernels import CSRC, compile_flags
+from scalevec.ops.dnp_swiglu import CSRC, compile_flags
 
 SOURCE = CSRC / "dnp_swiglu.cpp"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

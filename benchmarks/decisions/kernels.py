@@ -23,8 +23,8 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-from scalevec import cpu_kernels
-from scalevec.layers import dnp_swiglu
+from scalevec.ops import dnp_swiglu as kernel_ops
+from scalevec.ops.dnp_swiglu import dnp_swiglu
 
 EPS = 1e-6
 
@@ -104,7 +104,7 @@ class MLPCase:
         c = torch.compile(fn)
 
         def run():
-            with contextlib.nullcontext() if kernel else cpu_kernels.disabled():
+            with contextlib.nullcontext() if kernel else kernel_ops.disabled():
                 c(x).backward(self.dh)
         return run
 
@@ -130,7 +130,7 @@ def dnp(tokens: int, d: int, d_ff: int, rounds: int) -> dict:
              "DNP autograd, γ_up on activations": case.step(autograd_act),
              "DNP autograd, γ_up in W_down": case.step(autograd_w),
              "DNP dnp_swiglu PyTorch, γ_up in W_down": case.step(fused)}
-    if cpu_kernels.load():
+    if kernel_ops.load():
         cands["DNP dnp_swiglu kernel, γ_up in W_down"] = case.step(fused, kernel=True)
     times = timed(cands, rounds)
     return report(f"MLP middle + W_down fwd+bwd, tokens={tokens} d={d} d_ff={d_ff}", times,

@@ -6,9 +6,7 @@ Where a gain is applied is chosen for cost, not for form (measurements in ``docs
 - branch-specific input gains (HG) and DP output gains are multiplied into the weight by ``scaled_weight``
   (O(d_out·d_in) per step instead of O(tokens·d) per branch), so every site stays one fused matmul;
 - with DNP on the MLP, γ_up feeds W_down and is multiplied into W_down's columns; the two branch norms, γ_gate
-  and SwiGLU run as one op (``dnp_swiglu``) that keeps only what plain SwiGLU keeps: on CPU a hand-written kernel
-  (``cpu_kernels``) that reads each row once per direction, elsewhere an autograd function whose γ_gate
-  gradient, a sum over tokens, is a bf16 ones-vector matmul under bf16 autocast (``_token_sum``);
+  and SwiGLU run as one op that keeps only what plain SwiGLU keeps (``ops/dnp_swiglu.py``);
 - on CPU under bf16 autocast, attention runs in fp32 (torch's CPU flash kernel is faster there in fp32).
 """
 
@@ -22,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec import cpu_kernels
+from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.roles import Role, tag
 from scalevec.scale import BranchGains, ScaleVector, make_scale
 from scalevec.strategy import ScaleConfig, SiteSpec
@@ -76,79 +74,6 @@ def scaled_weight(w: torch.Tensor, v: torch.Tensor | None = None, u: torch.Tenso
     if v is None and u is None:
         return w
     return _ScaledWeight.apply(w, v, u)
-
-
-class _DNPSwiGLU(torch.autograd.Function):
-    """``dnp_swiglu`` in PyTorch ops, with a hand-derived backward (``dnp_swiglu_backward``).
-
-    Saves only the projection output, what plain SwiGLU saves (autograd through ``rms_norm`` would also keep
-    the normalised branches), and recomputes the rest in backward, differentiably (double backward works);
-    its backward graph is shorter than autograd's, so the kernel ``torch.compile`` fuses from it is faster
-    (``docs/performance.md``). ``token_sum(t, dtype)`` reduces γ's gradient over tokens (``_token_sum``; the
-    benchmark of its alternatives passes others)."""
-
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor, gain: torch.Tensor, eps: float, token_sum=None) -> torch.Tensor:
-        ctx.save_for_backward(gate_up, gain)
-        ctx.eps, ctx.token_sum = eps, token_sum or _token_sum
-        gate, up = gate_up.chunk(2, -1)
-        return (F.silu(_rms(gate, eps) * gain) * _rms(up, eps)).to(gate_up.dtype)
-
-    @staticmethod
-    def backward(ctx, dh: torch.Tensor):
-        gate_up, gain = ctx.saved_tensors
-        return *dnp_swiglu_backward(dh, gate_up, gain, ctx.eps, ctx.token_sum), None, None
-
-
-def dnp_swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor, gain: torch.Tensor, eps: float,
-                        token_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``dnp_swiglu`` at ``gate_up`` and ``gain`` from the output gradient ``dh``, in
-    differentiable ops (the kernel's autograd uses it when a differentiable backward is asked for)."""
-    gate, up = gate_up.chunk(2, -1)
-    xg, rg = _rms(gate, eps, with_rstd=True)
-    xu, ru = _rms(up, eps, with_rstd=True)
-    dh = dh.to(xg.dtype)
-    a = xg * gain
-    s = torch.sigmoid(a)
-    silu = a * s
-    dsilu = dh * xu
-    da = dsilu * (s + silu * (1 - s))  # silu'(a) = s + a·s·(1 - s)
-    dgain = (token_sum or _token_sum)(da * xg, gate.dtype)
-    # RMSNorm backward: dx = r (dx̂ - x̂ · mean(dx̂ ⊙ x̂)), with dx̂_gate ⊙ x̂_gate = da ⊙ a and
-    # dx̂_up ⊙ x̂_up = dsilu ⊙ silu.
-    dg = rg * (da * gain - xg * (da * a).mean(-1, keepdim=True))
-    du = ru * (dh * silu - xu * (dsilu * silu).mean(-1, keepdim=True))
-    # A token_sum may return None (the benchmark's floor without γ's gradient).
-    return torch.cat([dg, du], -1).to(gate_up.dtype), None if dgain is None else dgain.to(gain.dtype)
-
-
-def _token_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Sum over every dimension but the last, in fp32. With low-precision inputs (bf16 autocast) the sum runs as a
-    ones-vector matmul on ``t`` rounded to ``dtype``, the precision every weight gradient has under autocast:
-    written as an fp32 column sum, inductor keeps ``t`` in fp32 for it, which measured up to 1.65x plain
-    SwiGLU's fwd+bwd at d_ff 1024 against at most 1.20x this way (``benchmarks/dnp_gain_reduction.py``)."""
-    t = t.flatten(0, -2)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return t.sum(0)
-    ones = torch.ones(1, t.shape[0], dtype=dtype, device=t.device)
-    return (ones @ t.to(dtype)).squeeze(0).float()
-
-
-def _rms(x: torch.Tensor, eps: float, with_rstd: bool = False):
-    """x / RMS(x) over the last dimension in at least fp32 (and the per-row 1/RMS with ``with_rstd``)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return (xf * r, r) if with_rstd else xf * r
-
-
-def dnp_swiglu(gate_up: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """SwiGLU of DNP branches, ``silu(gain ⊙ RMSNorm(gate)) ⊙ RMSNorm(up)`` with ``[gate | up] = gate_up`` along
-    the last dimension (one projection's output): norms over the branch width, fp32 inside, ``gate_up``'s dtype
-    out. On CPU the ``scalevec::dnp_swiglu`` kernel once ``cpu_kernels.enable(model)`` has built it (the trainer
-    and the benchmarks do for a model on CPU), else the PyTorch formulation."""
-    if cpu_kernels.dnp_swiglu_applies(gate_up):
-        return torch.ops.scalevec.dnp_swiglu(gate_up, gain, eps)[0]
-    return _DNPSwiGLU.apply(gate_up, gain, eps)
 
 
 def output_gain_role(spec: SiteSpec, feeds_linear: bool) -> Role:
@@ -335,11 +260,12 @@ class MLP(nn.Module):
             scale.mlp, scale, cfg.norm_eps, cfg.init_std,
         )
         self.w_down = matrix(cfg.d_model, d_ff, cfg.init_std / math.sqrt(2 * cfg.n_layers))
-        self.dnp = self.gate_up.spec.has_norm and "gate" in self.gate_up.out_scales  # "up" has its γ_a too
+        # DNP ("up" has its γ_a too); ``ops.dnp_swiglu.enable`` looks for this flag.
+        self.uses_dnp_swiglu = self.gate_up.spec.has_norm and "gate" in self.gate_up.out_scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         site = self.gate_up
-        if self.dnp:
+        if self.uses_dnp_swiglu:
             g = site.out_scales.gammas()
             h = dnp_swiglu(site.project_joint(x), g["gate"], site.eps)  # [gate | up] in
             return F.linear(h, scaled_weight(self.w_down, g["up"]))

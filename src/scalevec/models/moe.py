@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec.layers import MLP, dnp_swiglu, output_gain_role
+from scalevec.layers import MLP, output_gain_role
 from scalevec.models.config import ModelConfig
+from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.roles import Role, tag
 from scalevec.scale import BranchGains, make_scale
 from scalevec.strategy import ScaleConfig
@@ -87,7 +88,7 @@ class MoE(nn.Module):
             if rspec.has_output else None
 
         # DNP with gains shared by the experts runs the dense MLP's ``dnp_swiglu`` (per-expert γ_gate does not).
-        self.dnp_shared = self.has_norm and "gate" in self.out_scales and not lead
+        self.uses_dnp_swiglu = self.has_norm and "gate" in self.out_scales and not lead
 
         std = cfg.init_std
         self.router = tag(nn.Parameter(torch.randn(m.num_experts, d) * std), Role.ROUTER)
@@ -181,7 +182,7 @@ class MoE(nn.Module):
         # Row-wise ops run on the padded layout (zero rows in, zero rows out): no unpad/pad between the projections.
         gate_up = groups.mm_padded(groups.pad(xs), w_gu)
         g = self.out_scales.gammas() if self.has_norm else {}
-        if self.dnp_shared:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
+        if self.uses_dnp_swiglu:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
             z, w_down = dnp_swiglu(gate_up, g["gate"], self.eps), self.w_down * g["up"]
         elif not self.has_norm:
             gate, up = gate_up.split(self.d_expert, -1)

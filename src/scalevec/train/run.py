@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from scalevec import cpu_kernels
 from scalevec.config import Config, ConfigError, from_table
 from scalevec.models import Decoder, build_model
+from scalevec.ops import dnp_swiglu as kernel_ops
 from scalevec.train.checkpoint import load_latest, save_checkpoint
 from scalevec.typed_config import load_toml
 
@@ -53,7 +53,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> Run:
 
         tok = load_tokenizer(run_dir / TOKENIZER_DIR)
     model = model.to(device).eval()
-    cpu_kernels.enable(model)
+    kernel_ops.enable(model)
     return Run(run_dir, cfg, model, loaded.state["step"], tok)
 
 

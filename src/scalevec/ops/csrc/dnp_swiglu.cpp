@@ -4,14 +4,13 @@
 //
 // The two branch norms make this a row-wise op: each output row needs its row's statistics first. The code
 // torch.compile generates sweeps every row once per statistic and, backward, writes γ's per-token gradient out
-// for a separate reduction; on CPU these elementwise kernels are bound by memory traffic, so DNP cost 1.2x
-// (forward) and 1.4x (backward) plain SwiGLU's. Here each row is read from memory once in each direction: it is
-// converted into fp32 buffers that stay in L1, the statistics come from those, and γ's gradient is accumulated
-// in fp32 per fixed block of rows, the blocks summed in order (so the result does not depend on the thread
-// count). Memory traffic is then plain SwiGLU's: read gate and up, write h; read gate, up and dh, write their
-// gradients.
+// for a separate reduction, and on CPU these elementwise kernels are bound by memory traffic. Here each row is
+// read from memory once in each direction: it is converted into fp32 buffers that stay in L1, the statistics
+// come from those, and γ's gradient is accumulated in fp32 per fixed block of rows, the blocks summed in order
+// (so the result does not depend on the thread count). Memory traffic is then plain SwiGLU's: read gate and up,
+// write h; read gate, up and dh, write their gradients.
 //
-// Operators (schemas below) are registered with the dispatcher; `scalevec/cpu_kernels.py` builds this file,
+// Operators (schemas below) are registered with the dispatcher; `scalevec/ops/dnp_swiglu.py` builds this file,
 // adds their fake (shape) functions and autograd, and falls back to the PyTorch formulation where it cannot.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define CPU_CAPABILITY_AVX512
@@ -107,8 +106,7 @@ void forward_rows(const at::Tensor& gate_up, const float* gain, float eps, T* ou
   at::parallel_for(0, r.count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T *grow = base + i * r.stride, *urow = grow + n;
-      // One accumulator per vector of a chunk: a single one made this pass wait on its chain of dependent fmadds.
-      // For 16-bit rows (two vectors a chunk) the forward took 0.96-0.97x as long (benchmarks/kernel_ab.py).
+      // One accumulator per vector of a chunk, so the pass does not wait on one chain of dependent fmadds.
       fVec sg[Chunk<T>::kVecs], su[Chunk<T>::kVecs];
       for (int64_t k = 0; k < Chunk<T>::kVecs; ++k) sg[k] = su[k] = fVec(0.f);
       for (int64_t j = 0; j < n; j += Chunk<T>::kSize) {
@@ -148,11 +146,8 @@ struct Backward {
 // One row's backward, adding γ's gradient for it to acc. buf holds the row's fp32 gradients at x̂ (gate's, then
 // up's) between the two passes; it stays in L1.
 //
-// Kept out of line: with this body inlined into the row loop, as it was, the backward took 1.14-1.23x as long
-// on tiny's rows (2048 x 512 bf16) arriving from memory and 1.02-1.03x in cache, 1.06-1.10x and 1.05-1.07x at
-// 1024 x 3328 (benchmarks/kernel_ab.py, cold and warm; the outputs are bitwise the same). Why is not
-// established. The row helpers it calls are forced inline: GCC declined to inline Chunk::load here, and the
-// calls spilled every vector register (1.5-1.7x as long).
+// Kept out of line: inlined into the row loop it ran slower (docs/performance.md). The row helpers it calls are
+// forced inline: GCC declined to inline Chunk::load here, and the calls spilled every vector register.
 template <typename T>
 C10_NOINLINE void backward_row(const Backward<T>& a, int64_t i, float* acc, float* buf) {
   constexpr int64_t kVecs = Chunk<T>::kVecs;
@@ -182,8 +177,7 @@ C10_NOINLINE void backward_row(const Backward<T>& a, int64_t i, float* acc, floa
     }
   }
   // Pass 2: RMSNorm backward, dx = r · (dx̂ − x̂ · mean(dx̂ ⊙ x̂)) = r·dx̂ − r²·mean(dx̂ ⊙ x̂)·x, with x
-  // reloaded from the row (still in L1) instead of x̂ kept in fp32: two stores fewer per element made the
-  // backward 0.82x as long on rows arriving from memory, 0.93x on rows in cache (docs/performance.md).
+  // reloaded from the row (still in L1) instead of x̂ kept in fp32: two stores fewer per element.
   const float mg = reduce_sum(s_gate) / static_cast<float>(n), mu = reduce_sum(s_up) / static_cast<float>(n);
   const fVec rgv(rg), ruv(ru), cg2(rg * rg * mg), cu2(ru * ru * mu);
   T* dgrow = a.dgate_up + i * 2 * n;
