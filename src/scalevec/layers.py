@@ -83,6 +83,21 @@ def output_gain_role(spec: SiteSpec, feeds_linear: bool) -> Role:
     return Role.INPUT_SCALE if not spec.has_norm or feeds_linear else Role.OUTPUT_SCALE
 
 
+def site_gains(name: str, d_in: int, branches: list[BranchDef], spec: SiteSpec, scale: ScaleConfig,
+               lead: tuple[int, ...] = ()) -> tuple[ScaleVector | None, BranchGains, BranchGains]:
+    """The gains the strategy places at a site: the input gain its branches share (or None), the branches' own
+    input gains (HG) and their output gains (DP, DNP); ``lead`` gives the branch gains leading dimensions (one
+    gain per expert)."""
+    shared = spec.shared or len(branches) == 1
+    in_scale = make_scale(d_in, spec.param, Role.INPUT_SCALE, scale, f"{name}.in") \
+        if spec.has_input and shared else None
+    ins = [(b.name, d_in, Role.INPUT_SCALE, f"{name}.{b.name}.in") for b in branches] \
+        if spec.has_input and not shared else []
+    outs = [(b.name, b.d_out, output_gain_role(spec, b.out_feeds_linear), f"{name}.{b.name}.out")
+            for b in branches] if spec.has_output else []
+    return in_scale, BranchGains(ins, spec.param, scale, lead), BranchGains(outs, spec.param, scale, lead)
+
+
 def matrix(d_out: int, d_in: int, std: float, role: Role = Role.MATRIX) -> nn.Parameter:
     return tag(nn.Parameter(torch.randn(d_out, d_in) * std), role)
 
@@ -106,20 +121,12 @@ class Site(nn.Module):
         self.name, self.d_in, self.eps, self.spec = name, d_in, eps, spec
         self.defs = branches
         self.splits = [b.d_out for b in branches]
-        shared = spec.shared or len(branches) == 1
-        self.in_scale = (
-            make_scale(d_in, spec.param, Role.INPUT_SCALE, scale, f"{name}.in") if spec.has_input and shared
-            else None
-        )
+        self.in_scale, in_scales, out_scales = site_gains(name, d_in, branches, spec, scale)
         self.weights = nn.ParameterDict()
         for b in branches:
             self.weights[b.name] = weight if weight is not None else matrix(b.d_out, d_in, std, weight_role)
-        ins = [(b.name, d_in, Role.INPUT_SCALE, f"{name}.{b.name}.in") for b in branches] \
-            if spec.has_input and not shared else []
-        outs = [(b.name, b.d_out, output_gain_role(spec, b.out_feeds_linear), f"{name}.{b.name}.out")
-                for b in branches] if spec.has_output else []
-        self.in_scales = BranchGains(ins, spec.param, scale)
-        self.out_scales = BranchGains(outs, spec.param, scale)
+        # The branch gains after the weights: the parameter order checkpoints and optimizers have always seen.
+        self.in_scales, self.out_scales = in_scales, out_scales
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         g = self.in_scale() if self.in_scale is not None else None

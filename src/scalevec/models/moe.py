@@ -27,11 +27,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec.layers import MLP, output_gain_role
+from scalevec.layers import MLP, BranchDef, site_gains
 from scalevec.models.config import ModelConfig
 from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.roles import Role, tag
-from scalevec.scale import BranchGains, make_scale
+from scalevec.scale import make_scale
 from scalevec.strategy import ScaleConfig
 
 BRANCHES = ("gate", "up")
@@ -71,15 +71,9 @@ class MoE(nn.Module):
         self.has_norm = spec.has_norm  # DNP on the expert branches
         d, de, n = self.d_model, self.d_expert, self.n_slots
 
-        self.in_scale = make_scale(d, spec.param, Role.INPUT_SCALE, scale, "mlp.in") \
-            if spec.has_input and spec.shared else None
         lead = (n,) if scale.expert_gains == "per_expert" else ()
-        ins = [(b, d, Role.INPUT_SCALE, f"mlp.{b}.in") for b in BRANCHES] \
-            if spec.has_input and not spec.shared else []
-        outs = [(b, de, output_gain_role(spec, b == "up"), f"mlp.{b}.out") for b in BRANCHES] \
-            if spec.has_output else []
-        self.in_scales = BranchGains(ins, spec.param, scale, lead)
-        self.out_scales = BranchGains(outs, spec.param, scale, lead)
+        branches = [BranchDef("gate", de), BranchDef("up", de, out_feeds_linear=True)]
+        self.in_scale, self.in_scales, self.out_scales = site_gains("mlp", d, branches, spec, scale, lead)
         self.per_expert_gains = bool(lead)
         self.router_in = make_scale(d, rspec.param, Role.INPUT_SCALE, scale, "router.in") \
             if rspec.has_input and not rspec.shared else None
