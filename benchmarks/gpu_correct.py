@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from gpu_common import DEVICE, SMOKE, STRATEGIES, Result, data_overrides, ieee_fp32, pick, release, shape
 from harness import Shape, autocast, batch, build
 
-import scalevec.models.moe as moe_mod
-from scalevec.models import build_model
+from scalevec.models import build_model, dispatch
 from scalevec.models.moe import MoE, moe_layers
 from scalevec.strategy import preset
 from scalevec.train.compiling import compile_model
@@ -170,13 +169,13 @@ def check_moe_dispatch(name: str, strategy: str, precision: str) -> dict:
     x, y = (t.to(DEVICE) for t in batch(sh))
     with ieee_fp32(), counted_grouped_mm() as calls:
         lg, gg = loss_and_grads(model, model, x, y, precision)
-    orig = moe_mod._grouped_ok
-    moe_mod._grouped_ok = lambda *a: False
+    orig = dispatch.grouped_ok
+    dispatch.grouped_ok = lambda *a: False
     try:
         with ieee_fp32():
             ll, gl = loss_and_grads(model, model, x, y, precision)
     finally:
-        moe_mod._grouped_ok = orig
+        dispatch.grouped_ok = orig
     c = compare(gg, gl)
     experts = [f"{mn}.{w}" for mn, m in model.named_modules() if isinstance(m, MoE) for w in ("w_gate", "w_up", "w_down")]
     empty_zero = all(bool((g[n][list(EMPTY)] == 0).all()) for g in (gg, gl) for n in experts)

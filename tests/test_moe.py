@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scalevec.models.moe as moe_mod
 from scalevec.config import load_config
 from scalevec.fold import fold
 from scalevec.info import count_params
-from scalevec.models import build_model, model_preset
+from scalevec.models import build_model, dispatch, model_preset
 from scalevec.models.config import MODEL_PRESETS, ModelConfig, MoEConfig
 from scalevec.models.moe import MoE, active_params, expert_load_metrics, moe_layers
 from scalevec.muon_batched import BatchedMuon
@@ -108,12 +107,12 @@ def test_routing_matches_naive_loop(name, moe, per_expert):
     ref = naive(m, x)
     torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
     # The per-expert loop fallback (unaligned shapes, fp32 under compile) computes the same thing.
-    orig = moe_mod._grouped_ok
+    orig = dispatch.grouped_ok
     try:
-        moe_mod._grouped_ok = lambda *a: False
+        dispatch.grouped_ok = lambda *a: False
         torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
     finally:
-        moe_mod._grouped_ok = orig
+        dispatch.grouped_ok = orig
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "pytorch"])
@@ -158,7 +157,7 @@ def test_padded_groups_match_unpadded():
     ref = torch.stack([w[e] @ x for e, x in zip(eid, xs)])
     grads = []
     for align in (1, 8):
-        groups = moe_mod._PaddedGroups(counts, eid, align)
+        groups = dispatch.PaddedGroups(counts, eid, align)
         assert groups.capacity % align == 0 and bool((groups.offs.diff() % align == 0).all())
         x_, w_ = xs.clone().requires_grad_(), w.clone().requires_grad_()
         yp = groups.mm_padded(groups.pad(x_), w_)
@@ -179,11 +178,11 @@ def test_cpu_group_padding_changes_nothing_but_speed(name, per_expert):
     projections) equals one with none, forward and backward."""
     m = MoE(small_cfg(num_shared=1), strategy(name, per_expert))
     randomize(m)
-    assert m.cpu_group_rows == moe_mod.CPU_GROUP_ROWS > 1
-    assert moe_mod._grouped_ok(torch.device("cpu"), torch.float32, m.d_model, m.d_expert)  # the padded path runs
+    assert m.cpu_group_rows == dispatch.CPU_GROUP_ROWS > 1
+    assert dispatch.grouped_ok(torch.device("cpu"), torch.float32, m.d_model, m.d_expert)  # the padded path runs
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
     out = []
-    for rows in (1, moe_mod.CPU_GROUP_ROWS):
+    for rows in (1, dispatch.CPU_GROUP_ROWS):
         m.cpu_group_rows = rows
         m.zero_grad()
         y = m(x)
@@ -459,10 +458,10 @@ def test_sorted_rows_gradient_equals_index_select(k):
     src = torch.randperm(5 * k, generator=g)
     inv = torch.empty_like(src).scatter_(0, src, torch.arange(5 * k))
     w = torch.randn(5 * k, 4, generator=g, dtype=torch.float64)
-    y = moe_mod._SortedRows.apply(x, src, inv, k)
+    y = dispatch.SortedRows.apply(x, src, inv, k)
     (gx,) = torch.autograd.grad((y * w).sum(), x)
     y_ref = x.index_select(0, src // k)
     (gx_ref,) = torch.autograd.grad((y_ref * w).sum(), x)
     assert torch.equal(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
-    assert torch.autograd.gradcheck(lambda t: moe_mod._SortedRows.apply(t, src, inv, k), (x,))
+    assert torch.autograd.gradcheck(lambda t: dispatch.SortedRows.apply(t, src, inv, k), (x,))

@@ -1,4 +1,4 @@
-"""Why MoE pads every expert's group of rows on CPU (``scalevec.models.moe.CPU_GROUP_ROWS``): training steps with
+"""Why MoE pads every expert's group of rows on CPU (``scalevec.models.dispatch.CPU_GROUP_ROWS``): training steps with
 the groups padded to a multiple of 1, 4, 8, ... rows, interleaved in one process (compiled, bf16 autocast).
 
     python benchmarks/decisions/moe_group_rows.py                                    # moe-tiny
@@ -22,7 +22,8 @@ import torch._dynamo
 from harness import SHAPES, Step, batch, build, interleaved, median, ratio
 
 from scalevec.config import OptimConfig
-from scalevec.models.moe import CPU_GROUP_ROWS, moe_layers
+from scalevec.models.dispatch import CPU_GROUP_ROWS
+from scalevec.models.moe import moe_layers
 from scalevec.optim import build_optimizer
 from scalevec.strategy import preset
 

@@ -7,9 +7,8 @@ gate and up stay one grouped matmul; DNP normalises each expert's branch output 
 ``router`` site gives the router its own input gain with HG (``shared = False``) and an output gain on the
 logits with ``dual``. ``scale.expert_gains = "per_expert"`` gives every expert its own branch gains.
 
-Dispatch is sort-based: the (token, slot) assignments are sorted by expert and run through
-``F.grouped_mm`` (one call per projection, no capacity, no host sync; on CPU each expert's group is padded to
-a multiple of ``CPU_GROUP_ROWS`` rows, see there); shapes it cannot take fall back to a loop over experts.
+Dispatch is sort-based (``dispatch.py``): the (token, slot) assignments are sorted by expert and run through
+``F.grouped_mm``, one call per projection, no capacity, no host sync.
 Shared experts are extra experts that every token visits with weight 1, so they share the batched weights, the
 grouped matmul and Muon's per-expert orthogonalisation.
 
@@ -29,18 +28,13 @@ from torch import nn
 
 from scalevec.layers import MLP, BranchDef, site_gains
 from scalevec.models.config import ModelConfig
+from scalevec.models.dispatch import CPU_GROUP_ROWS, SortedRows, expert_groups
 from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.roles import Role, tag
 from scalevec.scale import make_scale
 from scalevec.strategy import ScaleConfig
 
 BRANCHES = ("gate", "up")
-# On CPU ``grouped_mm`` runs one oneDNN matmul per expert, and oneDNN builds (and caches) a kernel per shape: about
-# 0.2 ms for each row count it has not seen, against 0.02 ms to run it at moe-tiny. Training changes every
-# expert's row count every step, which made moe-tiny steps 1.2-1.6x as long as with the router frozen. Groups
-# padded to a multiple of this many rows keep the shapes few and cached: 8, 16 and 32 rows measured 0.81 / 0.81 /
-# 0.80x the unpadded step at moe-tiny, 0.83 / 0.76 / 0.73x at moe-small (``benchmarks/moe_group_rows.py``).
-CPU_GROUP_ROWS = 32
 
 
 def moe_factory(cfg: ModelConfig):
@@ -165,13 +159,8 @@ class MoE(nn.Module):
             0, flat, torch.ones_like(flat))
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=h.device))
-        xs = _SortedRows.apply(h, order, inv, K).to(dtype)  # rows sorted by expert
-        if _grouped_ok(h.device, dtype, self.d_model, self.d_expert):
-            # CUDA: each group starts 16-byte aligned (the weight-gradient GEMM slices rows); CPU: see CPU_GROUP_ROWS.
-            align = 16 // dtype.itemsize if h.device.type == "cuda" else self.cpu_group_rows
-            groups = _PaddedGroups(counts, eid, align)
-        else:
-            groups = _LoopGroups(counts)
+        xs = SortedRows.apply(h, order, inv, K).to(dtype)  # rows sorted by expert
+        groups = expert_groups(counts, eid, dtype, (self.d_model, self.d_expert), self.cpu_group_rows)
         w_gu = torch.cat(list(self.branch_weights(fold_output=not self.has_norm).values()), 1).to(dtype)
         # Row-wise ops run on the padded layout (zero rows in, zero rows out): no unpad/pad between the projections.
         gate_up = groups.mm_padded(groups.pad(xs), w_gu)
@@ -186,7 +175,7 @@ class MoE(nn.Module):
             gate, up = self._norm_out(gate, g.get("gate"), eid), self._norm_out(up, g.get("up"), eid)
             z, w_down = groups.pad(F.silu(gate) * up), self.w_down
         ys = groups.unpad(groups.mm_padded(z.to(dtype), w_down.to(dtype)))
-        ys = _SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
+        ys = SortedRows.apply(ys, inv, order, 1).view(N, K, -1)  # back to (token, slot) order
         return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
     def _norm_out(self, y: torch.Tensor, g: torch.Tensor | None, eid: torch.Tensor) -> torch.Tensor:
@@ -295,84 +284,9 @@ class MoE(nn.Module):
                 f"d_expert={self.d_expert}, score={self.score}, dnp={self.has_norm}")
 
 
-class _SortedRows(torch.autograd.Function):
-    """``x[src // k]``: rows of ``x`` repeated ``k`` times each, then permuted by ``src`` (a permutation of
-    ``range(len(x) * k)``; ``inv`` is its inverse). Autograd would scatter-add the gradient back (atomic adds
-    that ``torch.compile`` cannot parallelise well on CPU); knowing ``src`` is a permutation, the backward is a
-    gather by ``inv`` and a sum over the ``k`` copies."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, src: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
-        ctx.save_for_backward(inv)
-        ctx.k = k
-        return x.index_select(0, src // k if k > 1 else src)
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (inv,) = ctx.saved_tensors
-        g = g.index_select(0, inv)
-        if ctx.k > 1:
-            g = g.view(-1, ctx.k, *g.shape[1:]).sum(1)
-        return g, None, None, None
-
-
 def _experts(n: int, d_out: int, d_in: int, std: float) -> nn.Parameter:
     return tag(nn.Parameter(torch.randn(n, d_out, d_in) * std), Role.EXPERT_MATRIX)
 
-
-def _grouped_ok(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
-    """``F.grouped_mm`` needs 16-byte-aligned strides; compiled, its fake kernel takes bf16 only."""
-    align = 16 // dtype.itemsize
-    if any(d % align for d in dims):
-        return False
-    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return False
-    return device.type in ("cpu", "cuda")
-
-
-class _PaddedGroups:
-    """Rows sorted by expert (``eid``, ``counts`` rows each) laid out for ``F.grouped_mm``, each expert's group
-    padded with zero rows to a multiple of ``align``, in a buffer of static size (nothing waits on the host).
-
-    The buffer's tail past the last group is zeros too and belongs to the last group, whose row count then stays
-    a multiple of ``align`` as well (the capacity is one). A row-wise op may run on padded rows between two
-    ``mm_padded`` calls: zero rows in, zero rows out, and zero gradients back.
-    """
-
-    def __init__(self, counts: torch.Tensor, eid: torch.Tensor, align: int = 1):
-        rows = eid.numel()
-        padded = (counts + align - 1) // align * align
-        end = padded.cumsum(0)
-        self.capacity = (rows + counts.numel() * (align - 1) + align - 1) // align * align
-        self.identity = align == 1
-        self.pos = torch.arange(rows, device=eid.device) - (counts.cumsum(0) - counts)[eid] + (end - padded)[eid]
-        self.offs = torch.cat([end[:-1], end.new_full((1,), self.capacity)]).to(torch.int32)
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.identity else x.new_zeros(self.capacity, x.shape[1]).index_copy(0, self.pos, x)
-
-    def unpad(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.identity else y.index_select(0, self.pos)
-
-    def mm_padded(self, xp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``xp[r] @ W[e(r)]ᵀ`` for every row of the padded layout; ``w``: (experts, d_out, d_in)."""
-        return F.grouped_mm(xp, w.mT, offs=self.offs)
-
-
-class _LoopGroups:
-    """Fallback for shapes or dtypes ``grouped_mm`` rejects: one matmul per expert (syncs for the sizes). There
-    is no padding, so ``pad`` and ``unpad`` are the identity."""
-
-    def __init__(self, counts: torch.Tensor):
-        self.sizes = counts.tolist()
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    unpad = pad
-
-    def mm_padded(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.linear(c, w[e]) for e, c in enumerate(x.split(self.sizes))])
 
 
 # ---- model-level helpers for the trainer and ``scalevec info`` ------------------------------------------------
