@@ -226,7 +226,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         # CPU under bf16 autocast: attention (QK-norm, RoPE, SDPA) in fp32, where torch's CPU flash-attention
-        # kernel runs about twice as fast as in bf16; the projections stay bf16.
+        # kernel is faster than in bf16; the projections stay bf16.
         fp32 = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         if fp32:
             q, k, v = q.float(), k.float(), v.float()

@@ -7,9 +7,8 @@ Options: a vector magnitude instead of a scalar, no √d factor, and an elementw
 Every gain is stored as one parameter tensor: OR/ER keep α and m side by side in ``packed``, and a site's
 branch-specific gains of equal size and role are the rows of one ``ScaleVector`` (``BranchGains``). The
 function and the AdamW update are those of separate tensors (AdamW and weight decay act elementwise, OR/ER
-normalise each row on its own); what changes is the tensor count, and with it the per-tensor costs of the
-optimizer, clipping and the compiled step's inputs, which dominated the unified strategy's overhead at small
-widths (``docs/performance.md``). Checkpoints written with separate tensors load through state-dict hooks.
+normalise each row on its own); fewer tensors cut the per-tensor costs of the optimizer, clipping and the
+compiled step's inputs. Checkpoints written with separate tensors load through state-dict hooks.
 """
 
 from __future__ import annotations
@@ -205,7 +204,7 @@ class BranchGains(nn.Module):
         """Every branch's γ, each group's forward run once."""
         whole = {key: sv() for key, sv in self.named_children()}
         # Rows by indexing (a view the compiled backward recomputes) rather than ``unbind``, whose outputs the
-        # partitioner saves: at tiny 36 more inputs of unified's compiled backward (docs/performance.md).
+        # partitioner saves as more inputs of the compiled backward.
         return {b: whole[key][i] for b, (key, i) in self._rows.items()}
 
     def _stack_branches(self, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:

@@ -1,20 +1,16 @@
-"""``torch.compile`` as the training step uses it: inductor, with two settings chosen by measurement.
+"""``torch.compile`` as the training step uses it: inductor, with two settings that apply to the models compiled
+here only (the trainer's and the benchmarks'), not process-wide:
 
-Both apply to the models compiled here only (the trainer's and the benchmarks'), not process-wide:
-
-- The partitioner may recompute reductions in the backward instead of saving their outputs. The scale vectors'
-  small computations (OR's normalisers, a norm's inverse RMS) are reductions, and by default the backward takes
-  them as saved tensors, each one more input of its compiled graph: at tiny unified's backward takes 167 inputs
-  and the baseline's 98, with this setting 130 and 86, and the bytes saved for backward are 0.03-0.2 MiB fewer
-  at every benchmark shape. (Allowing ops outside the partitioner's allowlist as well makes it recompute the MoE
-  experts' grouped matmul in the backward of the baseline, not of DNP: a trade of compute for memory that
-  differs per model.)
+- The partitioner may recompute reductions in the backward instead of saving their outputs: the scale vectors'
+  small computations (OR's normalisers, a norm's inverse RMS) are reductions, and each saved one is one more
+  input of the compiled backward. (Allowing ops outside the partitioner's allowlist as well would recompute the
+  MoE experts' grouped matmul for some strategies only: a trade of compute for memory that differs per model.)
 - inductor's generated wrapper re-checks each input's size and stride on every call (``size_asserts``). Dynamo's
   guards check every graph input before the compiled forward runs, and the backward receives the tensors the
   compiled forward saved (AOTAutograd coerces incoming gradients to the traced strides), so the per-tensor checks
   only repeat what is known.
 
-Measurements: ``docs/performance.md`` ("How the step is compiled").
+The measurements behind both: ``docs/performance.md``.
 """
 
 from __future__ import annotations
