@@ -206,6 +206,7 @@ def test_resolved_config_round_trips():
         ("train.steps=0", "train.steps"),
         ("model.n_heads=3", "model.n_heads"),
         ("scale.final.placement=dual_norm", "scale.final.placement"),
+        ("scale.router.placement=norm_output", "scale.router.placement"),
         ("optim.lr_mult={bogus=2.0}", "optim.lr_mult.bogus"),
         ("model.preset=7b", "model.preset"),
         ("train.bf16=true", "train.bf16"),

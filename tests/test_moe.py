@@ -310,11 +310,9 @@ def test_fold_preserves_logits(name, per_expert, moe):
     assert kept <= {"mlp.gate.out", "mlp.up.out"}  # only DNP's γ_a survives inside the MoE
 
 
-def test_router_norm_placement_is_refused():
-    s = preset("baseline")
-    s.router.placement = "dual_norm"
-    with pytest.raises(ValueError, match="scale.router.placement"):
-        MoE(small_cfg(), s)
+def test_router_norm_placement_is_refused_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"^scale.router.placement: 'dual_norm' puts a norm over router logits"):
+        load_config(overrides=["model.preset=moe-tiny", "scale.router.placement=dual_norm"])
 
 
 @pytest.mark.parametrize("shape", [(4, 24, 16), (3, 16, 40), (2, 3, 8, 8)])

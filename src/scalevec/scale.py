@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from scalevec.roles import Role, tag
+from scalevec.strategy import ScaleConfig
 
 
 class ScaleVector(nn.Module):
@@ -164,19 +165,20 @@ class BranchGains(nn.Module):
     order. The group's submodule is named by its branches joined with ``_`` (``q_k_v``); ``gains[b]`` is
     branch ``b``'s ``BranchGain`` and ``gammas()`` computes every γ with one forward per group."""
 
-    def __init__(self, members: list[tuple[str, int, Role, str]], param: str, cfg, lead: tuple[int, ...] = ()):
-        """``members``: (branch, size, default role, slot) for each branch that has a gain here; ``cfg`` a
-        ``ScaleConfig`` (its ``roles`` override a slot's role, as for single gains)."""
+    def __init__(self, members: list[tuple[str, int, Role, str]], param: str, scale: ScaleConfig,
+                 lead: tuple[int, ...] = ()):
+        """``members``: (branch, size, default role, slot) for each branch that has a gain here; ``scale.roles``
+        overrides a slot's role, as for single gains."""
         super().__init__()
         groups: dict[tuple[int, Role], list[tuple[str, str]]] = {}
         for branch, dim, role, slot in members:
             if "_" in branch:
                 raise ValueError(f"branch name {branch!r}: '_' joins branch names in group names")
-            groups.setdefault((dim, slot_role(slot, role, cfg)), []).append((branch, slot))
+            groups.setdefault((dim, slot_role(slot, role, scale)), []).append((branch, slot))
         self._rows: dict[str, tuple[str, int]] = {}
         for (dim, role), group in groups.items():
             key = "_".join(b for b, _ in group)
-            self.add_module(key, make_scale(dim, param, role, cfg, ",".join(s for _, s in group),
+            self.add_module(key, make_scale(dim, param, role, scale, ",".join(s for _, s in group),
                                             lead=(len(group), *lead)))
             self._rows.update({b: (key, i) for i, (b, _) in enumerate(group)})
         self.register_load_state_dict_pre_hook(self._stack_branches)
@@ -241,18 +243,18 @@ class BranchGains(nn.Module):
 
 
 def make_scale(
-    dim: int, param: str, role: Role, cfg, slot: str, lead: tuple[int, ...] = ()
+    dim: int, param: str, role: Role, scale: ScaleConfig, slot: str, lead: tuple[int, ...] = ()
 ) -> ScaleVector | None:
-    """A scale vector configured from a ``ScaleConfig``; ``None`` for ``param='none'``."""
+    """A scale vector configured from the strategy; ``None`` for ``param='none'``."""
     if param == "none":
         return None
-    return ScaleVector(dim, param, slot_role(slot, role, cfg), init=cfg.init, magnitude=cfg.magnitude,
-                       sqrt_d=cfg.sqrt_d, er_exp=cfg.er_exp, lead=lead, slot=slot)
+    return ScaleVector(dim, param, slot_role(slot, role, scale), init=scale.init, magnitude=scale.magnitude,
+                       sqrt_d=scale.sqrt_d, er_exp=scale.er_exp, lead=lead, slot=slot)
 
 
-def slot_role(slot: str, default: Role, cfg) -> Role:
-    """A gain's role: ``cfg.roles`` overrides it by slot name (``scale.roles={'attn.q.out'='output'}``)."""
-    return Role(f"{cfg.roles[slot]}_scale") if slot in cfg.roles else Role(default)
+def slot_role(slot: str, default: Role, scale: ScaleConfig) -> Role:
+    """A gain's role: ``scale.roles`` overrides it by slot name (``scale.roles={'attn.q.out'='output'}``)."""
+    return Role(f"{scale.roles[slot]}_scale") if slot in scale.roles else Role(default)
 
 
 def gain_name(module: str, slot: str) -> str:

@@ -19,7 +19,7 @@ from scalevec.typed_config import ConfigError, update
 Placement = Literal["none", "input", "dual", "dual_norm", "norm_output"]
 Param = Literal["plain", "or", "er", "none"]
 DecayPolicy = Literal["none", "input", "all", "output"]
-Role = Literal["input", "output"]
+GainRole = Literal["input", "output"]  # a gain's role by its slot name (``scale.roles``)
 
 PLACEMENT_DOC = {
     "none": "no gain: W x̂",
@@ -69,8 +69,9 @@ class ScaleConfig:
     er_exp: Literal["magnitude", "elementwise"] = "magnitude"
     init: float = 1.0  # value of every gain at initialisation
     expert_gains: Literal["shared", "per_expert"] = "shared"  # MoE: HG gains shared across experts or not
-    # Role of a gain by its slot name (e.g. "attn.v.out", "mlp.up.out", "qk_norm"); see layers.default roles.
-    roles: dict[str, Role] = field(default_factory=dict)
+    # Role of a gain by its slot name (e.g. "attn.v.out", "mlp.up.out", "qk_norm"); defaults in
+    # layers.output_gain_role.
+    roles: dict[str, GainRole] = field(default_factory=dict)
 
     def apply_table(self, table: dict[str, Any], prefix: str = "scale.") -> ScaleConfig:
         """Preset first, then the explicit keys on top (so ``strategy=unified mlp.param=er`` works)."""
@@ -96,6 +97,9 @@ class ScaleConfig:
                 f"{prefix}final.placement: {self.final.placement!r} is not allowed for the LM head "
                 "(a norm over logits is not a scale-vector design); use 'none', 'input' or 'dual'"
             )
+        if self.router.has_norm:
+            raise ConfigError(f"{prefix}router.placement: {self.router.placement!r} puts a norm over router logits; "
+                              "use 'none', 'input' or 'dual'")
         if self.init <= 0 and (self._uses("or") or self._uses("er")):
             raise ConfigError(f"{prefix}init: OR/ER need a positive initial gain, got {self.init}")
         for slot in self.roles:
@@ -115,39 +119,39 @@ def _site(placement: Placement = "input", shared: bool = True, param: Param = "p
 
 
 def _build(name: str) -> ScaleConfig:
-    s = ScaleConfig(strategy=name)
+    scale = ScaleConfig(strategy=name)
     if name == "baseline":
         pass
     elif name == "no_scale":
-        for site in (s.attn, s.mlp, s.router, s.final):
+        for site in (scale.attn, scale.mlp, scale.router, scale.final):
             site.placement, site.param = "none", "none"
-        s.qk_norm = s.post_norm = "none"
+        scale.qk_norm = scale.post_norm = "none"
     elif name == "iwd":
-        s.weight_decay = "input"
+        scale.weight_decay = "input"
     elif name == "hg":
-        s.attn = _site(shared=False)
-        s.mlp = _site(shared=False)
-        s.router = _site(shared=False)
+        scale.attn = _site(shared=False)
+        scale.mlp = _site(shared=False)
+        scale.router = _site(shared=False)
     elif name == "dp":
-        s.attn = _site("dual")
-        s.mlp = _site("dual")
+        scale.attn = _site("dual")
+        scale.mlp = _site("dual")
     elif name == "dnp":
-        s.attn = _site("dual")
-        s.mlp = _site("dual_norm")
+        scale.attn = _site("dual")
+        scale.mlp = _site("dual_norm")
     elif name in ("or", "er"):
-        for site in (s.attn, s.mlp, s.router, s.final):
+        for site in (scale.attn, scale.mlp, scale.router, scale.final):
             site.param = name
-        s.qk_norm = s.post_norm = name
+        scale.qk_norm = scale.post_norm = name
     elif name == "unified":
-        s.attn = _site("dual", shared=False, param="or")
-        s.mlp = _site("dual_norm", shared=False, param="or")
-        s.router = _site(shared=False, param="or")
-        s.final = _site(param="or")
-        s.qk_norm = s.post_norm = "or"
-        s.weight_decay = "input"
+        scale.attn = _site("dual", shared=False, param="or")
+        scale.mlp = _site("dual_norm", shared=False, param="or")
+        scale.router = _site(shared=False, param="or")
+        scale.final = _site(param="or")
+        scale.qk_norm = scale.post_norm = "or"
+        scale.weight_decay = "input"
     else:
         raise ConfigError(f"scale.strategy: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return s
+    return scale
 
 
 PRESET_DOC: dict[str, str] = {
@@ -166,25 +170,25 @@ PRESETS = tuple(PRESET_DOC)
 
 def preset(name: str) -> ScaleConfig:
     """A fresh copy of a named strategy preset."""
-    s = _build(name)
-    s.validate()
-    return s
+    scale = _build(name)
+    scale.validate()
+    return scale
 
 
-def folded(s: ScaleConfig) -> ScaleConfig:
+def folded(scale: ScaleConfig) -> ScaleConfig:
     """The strategy of the folded model: every pure reparameterisation multiplied into the weights."""
-    out = copy.deepcopy(s)
-    out.strategy = f"{s.strategy}+folded"
+    out = copy.deepcopy(scale)
+    out.strategy = f"{scale.strategy}+folded"
     for name in ("attn", "mlp", "router", "final"):
         site: SiteSpec = getattr(out, name)
         # After folding, only a gain behind a norm survives (DNP's γ_a); it becomes a plain vector.
         site.placement = "norm_output" if site.has_norm and site.has_output else "none"
         site.shared = True
         site.param = "plain" if site.placement == "norm_output" else "none"
-    out.qk_norm = "plain" if s.qk_norm != "none" else "none"
-    out.post_norm = "plain" if s.post_norm != "none" else "none"
+    out.qk_norm = "plain" if scale.qk_norm != "none" else "none"
+    out.post_norm = "plain" if scale.post_norm != "none" else "none"
     return out
 
 
-def as_dict(s: ScaleConfig) -> dict[str, Any]:
-    return dataclasses.asdict(s)
+def as_dict(scale: ScaleConfig) -> dict[str, Any]:
+    return dataclasses.asdict(scale)

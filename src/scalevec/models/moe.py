@@ -59,9 +59,6 @@ class MoE(nn.Module):
         self.score, self.renorm, self.route_scale = m.score, m.renorm, m.route_scale
         self.aux_coef, self.aux_scope, self.z_coef, self.bias_rate = m.aux_coef, m.aux_scope, m.z_coef, m.bias_rate
         spec, rspec = scale.mlp, scale.router
-        if rspec.has_norm:
-            raise ValueError(f"scale.router.placement: {rspec.placement!r} puts a norm over router logits; "
-                             "use 'none', 'input' or 'dual'")
         self.has_norm = spec.has_norm  # DNP on the expert branches
         d, de, n = self.d_model, self.d_expert, self.n_slots
 
