@@ -349,3 +349,13 @@ def test_demo_prints_the_committed_verdict_or_says_there_is_none(tmp_path):
         {"budget": "cpu", "regime": {}, "claims": [other, row]}))
     text = committed_verdict(tmp_path)
     assert text.startswith("SUPPORTED: unified − baseline = -0.0120, 95% CI [-0.0200, -0.0040]") and "cpu" in text
+
+
+def test_demo_falls_back_to_the_earlier_designs_verdict_and_says_so(tmp_path):
+    from scalevec.demo import committed_verdict
+
+    (tmp_path / "earlier" / "unified").mkdir(parents=True)
+    row = {"claim": "Unified lowers the loss", "group": "pooled", "mean": 0.01, "verdict": "not resolved (p 0.3)"}
+    (tmp_path / "earlier" / "unified" / "results.json").write_text(json.dumps({"budget": "cpu", "claims": [row]}))
+    text = committed_verdict(tmp_path)
+    assert text.startswith("NOT RESOLVED: unified − baseline = +0.0100") and "earlier study design" in text

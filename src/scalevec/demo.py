@@ -1,7 +1,7 @@
 """``scalevec demo``: baseline vs unified on the tiny preset, same data and tokens, side by side.
 
 One seed of early training: its difference is an illustration, not a verdict, so the output says so and
-prints the committed verdict of the unified study (``docs/results/unified/results.json``) beside it, and the
+prints the committed verdict of the unified study (``docs/results/[earlier/]unified/results.json``) beside it, and the
 loss in nats per byte beside nats per token (a BPE token spans several bytes; studies run byte-level).
 """
 
@@ -103,9 +103,10 @@ def bytes_per_token(run_dir: Path) -> float | None:
 
 def committed_verdict(results: Path = RESULTS) -> str:
     """The unified study's committed verdict: its pooled (else first) claim at each arm's own optimum."""
-    path = results / "unified" / "results.json"
-    if not path.is_file():
-        return "no committed verdict (docs/results/unified/results.json is not in this checkout)"
+    path = next((p for p in (results / "unified" / "results.json", results / "earlier" / "unified" / "results.json")
+                 if p.is_file()), None)
+    if path is None:
+        return "no committed verdict (no unified study under docs/results/ in this checkout)"
     res = json.loads(path.read_text())
     claims = res.get("claims", [])
     if not claims:
