@@ -68,8 +68,9 @@ def finished_line(summary: dict, path: Path) -> str:
 
 def cmd_eval(args) -> int:
     from scalevec.data import eval_batches, resolve_data
-    from scalevec.train import load_run
-    from scalevec.train.trainer import evaluate, pick_device
+    from scalevec.device import pick_device
+    from scalevec.evaluate import evaluate
+    from scalevec.train.run import load_run
 
     run = load_run(args.run_dir)
     cfg = run.cfg
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     from scalevec.train.checkpoint import CheckpointError
-    from scalevec.train.trainer import TrainingError, TrainingStopped
+    from scalevec.train.errors import TrainingError, TrainingStopped
 
     errors += (CheckpointError, TrainingError, OSError)  # OSError: a full disk, a missing or read-only path
     try:

@@ -24,7 +24,7 @@ def compile_default() -> list[str]:
     """Compile both 400-step runs where inductor can build CPU kernels, though ``train.compile=auto`` would leave runs this
     short eager: cold, the two compiles cost about what compiled steps save over both runs; warm, the demo is
     ~1.4x faster, and its throughput column shows the path long runs take (docs/performance.md)."""
-    from scalevec.train.trainer import cpu_compiler_available
+    from scalevec.train.compiling import cpu_compiler_available
 
     return ["train.compile=true"] if cpu_compiler_available() else []
 

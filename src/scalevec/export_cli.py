@@ -26,7 +26,7 @@ def cmd_export(args) -> int:
     import torch
 
     from scalevec.hf import export_hf
-    from scalevec.train import load_run
+    from scalevec.train.run import load_run
 
     run = load_run(args.run_dir)
     try:
@@ -64,9 +64,9 @@ def cmd_import(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from scalevec.device import pick_device
     from scalevec.sample import sample_text
-    from scalevec.train import load_run
-    from scalevec.train.trainer import pick_device
+    from scalevec.train.run import load_run
 
     run = load_run(args.run_dir, pick_device(args.device))
     run.tokenizer = run_tokenizer(run)

@@ -110,6 +110,6 @@ def knobs_for(study: str, budget: str) -> Knobs:
 def _compile(budget: str) -> list[str]:
     """CPU: compile every run (about twice the tokens/s of eager for two single-threaded runs) when inductor
     can build CPU kernels; the smoke budget stays eager (its runs are shorter than a compile)."""
-    from scalevec.train.trainer import cpu_compiler_available
+    from scalevec.train.compiling import cpu_compiler_available
 
     return ["train.compile=true"] if budget == "cpu" and cpu_compiler_available() else []

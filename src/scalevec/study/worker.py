@@ -25,9 +25,10 @@ def score_run(run_dir: Path, n: int, tokens: int = 0) -> dict:
     ``tokens`` when > 0)."""
     from scalevec.config import from_table
     from scalevec.data import TokenStream, eval_batches, resolve_data
+    from scalevec.evaluate import evaluate
     from scalevec.models import build_model
+    from scalevec.train.batches import resolve_vocab
     from scalevec.train.checkpoint import list_checkpoints, load_checkpoint
-    from scalevec.train.trainer import evaluate, resolve_vocab
     from scalevec.typed_config import load_toml
 
     cfg = from_table(load_toml(run_dir / "config.toml"))
@@ -50,7 +51,7 @@ def score_run(run_dir: Path, n: int, tokens: int = 0) -> dict:
 
 def main(argv: list[str]) -> int:
     from scalevec.config import load_config
-    from scalevec.train import trainer
+    from scalevec.train import train
 
     resume = "--resume" in argv
     opts = {"--score": 0, "--score-tokens": 0}
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> int:
     run_dir = Path(cfg.run.out)
     if not (run_dir / "summary.json").is_file():
         t0 = time.perf_counter()
-        summary = trainer.train(cfg, resume=resume)
+        summary = train(cfg, resume=resume)
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         res = {"peak_rss_mib": peak_kb / 1024, "threads": torch.get_num_threads(),
                "process_s": time.perf_counter() - t0}
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> int:
 
 def _errors() -> tuple[type[BaseException], ...]:
     from scalevec.train.checkpoint import CheckpointError
-    from scalevec.train.trainer import TrainingError
+    from scalevec.train.errors import TrainingError
     from scalevec.typed_config import ConfigError
 
     errors: tuple[type[BaseException], ...] = (ConfigError, TrainingError, CheckpointError)
@@ -101,7 +102,7 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except _errors() as e:
-        from scalevec.train.trainer import TrainingStopped
+        from scalevec.train.errors import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # SIGTERM: checkpoint saved; the next study invocation resumes it
             print(f"stopped: {e}", file=sys.stderr)

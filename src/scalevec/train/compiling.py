@@ -15,11 +15,17 @@ The measurements behind both: ``docs/performance.md``.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sysconfig
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
 from torch import nn
+
+from scalevec.typed_config import ConfigError
 
 # min_cut_rematerialization_partition reads these while AOTAutograd partitions the joint graph, which happens
 # inside the backend call below, so patching around that call scopes them to these models.
@@ -38,3 +44,29 @@ def inductor_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object])
 def compile_model(model: nn.Module) -> nn.Module:
     """``model`` compiled for training (calls go to the compiled forward; parameters stay ``model``'s)."""
     return torch.compile(model, backend=inductor_backend)
+
+
+# Runs at least this long compile under train.compile="auto": shorter ones spend more time compiling than the
+# compiled steps save (docs/performance.md).
+COMPILE_AUTO_MIN_STEPS = 500
+
+
+def use_compile(setting: bool | str, steps: int, device: torch.device) -> bool:
+    """Resolve ``train.compile``: "auto" compiles long runs, and only where a backend can build kernels (a C++
+    compiler and Python's headers for inductor's CPU code; CUDA builds ship Triton). ``true`` where CPU kernels
+    cannot be built is refused with one line instead of failing inside the first step."""
+    if setting != "auto":
+        if setting and device.type == "cpu" and not cpu_compiler_available():
+            raise ConfigError("train.compile=true: torch.compile on CPU needs a C++ compiler (g++, clang++ or $CXX) "
+                              "and Python's headers (Python.h), and this machine lacks one; install them or set "
+                              "train.compile=false")
+        return bool(setting)
+    if steps < COMPILE_AUTO_MIN_STEPS:
+        return False
+    return device.type == "cuda" or cpu_compiler_available()
+
+
+def cpu_compiler_available() -> bool:
+    """Inductor builds each CPU kernel as a Python extension module: it needs a C++ compiler and Python.h."""
+    compiler = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+    return compiler and Path(sysconfig.get_paths()["include"], "Python.h").is_file()

@@ -7,11 +7,14 @@ Nothing a run writes can hold a non-finite step: each write asks first.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+import scalevec.train.distributed as D
 from scalevec.roles import Role
-from scalevec.train import distributed as D
+from scalevec.train.errors import TrainingError
 
 Label = tuple[str, str]  # (role, parameter name)
 
@@ -85,3 +88,20 @@ class NonfiniteWatch:
             return None
         loss, norm = self.values.tolist()
         return step, loss, norm, name_groups(self.labels, self.bad.tolist())
+
+
+def nonfinite_line(step: int, loss: float, norm: float, groups: list[str]) -> str:
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    return (f"non-finite {what} at step {step} (loss {loss:.4g}, grad norm {norm:.4g}); groups with a non-finite "
+            f"gradient norm: {'; '.join(groups)}")
+
+
+def poison_grad(optimizer, role: str) -> None:
+    """Test-only fault (``SCALEVEC_FAULT=nan_grad:STEP[:ROLE]``): a NaN in one gradient of group ``role``."""
+    for g in optimizer.param_groups:
+        if role in ("", g["role"]):
+            for p in g["params"]:
+                if p.grad is not None:
+                    p.grad.view(-1)[0] = math.nan
+                    return
+    raise TrainingError(f"SCALEVEC_FAULT nan_grad: no gradient in a group named {role!r}")

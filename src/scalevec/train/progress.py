@@ -55,6 +55,7 @@ class Metrics:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def _tensorboard_writer(log_dir: Path):

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import scalevec.train.distributed as D
 from scalevec.config import Config, ConfigError, from_table
 from scalevec.fileio import atomic_write_text
 from scalevec.optim import decay_start, lr_factor
-from scalevec.train import distributed as D
 from scalevec.train.checkpoint import (
     list_checkpoints,
     load_latest,

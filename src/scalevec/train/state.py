@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from scalevec.train import distributed as D
+import scalevec.train.distributed as D
 from scalevec.train.checkpoint import CheckpointError
 
 
