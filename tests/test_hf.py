@@ -387,7 +387,7 @@ def test_cli_exports_unified_as_custom_code(tmp_path, monkeypatch, capsys):
     """The README tour's export of a DNP run: custom code by default, a one-line refusal naming both ways out
     with --arch native, and printed commands whose paths survive pasting into a shell."""
     from scalevec.cli import main
-    from scalevec.export_cli import ARCHS
+    from scalevec.commands.hf import ARCHS
     from scalevec.hf import ARCHS as HF_ARCHS
     from scalevec.train import load_run
 

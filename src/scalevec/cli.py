@@ -177,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extensions():
-    """Subcommands that live next to their feature (studies, Hugging Face interop, sampling)."""
+    """Subcommands registered beside the core ones: studies next to their feature, and scalevec.commands
+    (Hugging Face export and import, sampling)."""
     out = []
-    for mod in ("scalevec.study.cli", "scalevec.export_cli"):
+    for mod in ("scalevec.study.cli", "scalevec.commands"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:
