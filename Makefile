@@ -18,7 +18,11 @@ demo: $(STAMP)
 	$(BIN)/scalevec demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# Everything but the tests marked slow (subprocess trainings, torchrun, compiles, the kernel build, smoke runs).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # What the GPU machine (no network) cannot make: the prepared corpus and tomli_w (pure Python, not on its image),
 # under .cache/gpu for `run(..., carry=[".cache/gpu"])` (docs/performance.md, "GPU").
@@ -29,4 +33,4 @@ gpu-prep: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-.PHONY: install demo test lint gpu-prep
+.PHONY: install demo test test-fast lint gpu-prep

@@ -37,17 +37,20 @@ def compiled_loss(model, backend: str, autocast: bool = True) -> torch.Tensor:
     return loss if aux is None else loss + aux
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["llama", "gemma"])
 @pytest.mark.parametrize("strategy", PRESETS)
 def test_no_graph_break_dense(strategy, style):
     compiled_loss(tiny(strategy, style), "eager").backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["baseline", "dnp", "unified"])
 def test_no_graph_break_moe(strategy):
     compiled_loss(tiny(strategy, moe=True), "eager").backward()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["dp", "dnp", "unified"])
 def test_compiled_graph_matches_eager(strategy):
     """AOT autograd traces the custom backward functions; loss and every gradient match eager in fp32."""
@@ -133,6 +136,7 @@ def test_bf16_autocast_loss_close_to_fp32():
     torch.testing.assert_close(loss, ref, rtol=2e-2, atol=0)
 
 
+@pytest.mark.slow
 def test_compile_settings_are_scoped_to_the_compiled_model(monkeypatch):
     """The partitioner settings hold while the graph compiles and nowhere else; inductor gets its options."""
     import torch._functorch.config as functorch_config
@@ -158,6 +162,7 @@ def test_compile_settings_are_scoped_to_the_compiled_model(monkeypatch):
     assert {k: getattr(functorch_config, k) for k in compiling.PARTITIONER} == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not cpu_compiler_available(), reason="inductor's CPU code needs a C++ compiler and Python.h")
 @pytest.mark.parametrize("strategy", ["baseline", "unified"])
 def test_compiled_model_trains_like_eager(strategy):

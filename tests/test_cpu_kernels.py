@@ -43,6 +43,10 @@ def _reference(gate_up, gain):  # the PyTorch formulation in float64
 
 # Widths: whole vector chunks, a partial last chunk, and narrower than one chunk; rows: not a multiple of the
 # kernel's 64-row blocks of γ's gradient.
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("width,rows", [(512, 130), (48, 70), (37, 3)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
@@ -98,6 +102,9 @@ def test_double_backward_matches_the_pytorch_formulation():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.slow
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_operator_registration(dtype):

@@ -17,6 +17,8 @@ import torch
 from scalevec.config import load_config
 from scalevec.train import train
 
+pytestmark = pytest.mark.slow
+
 GOLDEN = Path(__file__).parent / "golden" / "losses.json"
 CASES = {
     "baseline": ["model.preset=tiny", "scale.strategy=baseline"],

@@ -60,6 +60,7 @@ def load(out: Path, phase: str) -> dict:
     return r
 
 
+@pytest.mark.slow
 def test_gpu_script_smoke_runs_every_phase_and_writes_its_json(smoke):
     proc, out = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -93,6 +94,7 @@ def test_gpu_script_smoke_runs_every_phase_and_writes_its_json(smoke):
     assert all(len(curve) == 2 for curve in e["mean_val_curve"].values())
 
 
+@pytest.mark.slow
 def test_gpu_summary_tables_the_smoke_run(smoke):
     _, out = smoke
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "summary", str(out)],

@@ -350,6 +350,7 @@ def test_newton_schulz_matches_torch_exactly_on_each_slice():
         assert torch.equal(zeropower_batched(grad, coef, 5, 1e-7), ref)
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_under_bf16_autocast():
     m = MoE(small_cfg(num_shared=1, bias_rate=1e-3), preset("unified"))
     x = torch.randn(2, 8, 32)
@@ -419,6 +420,7 @@ def test_train_moe_unified_muon_learns_and_resumes_exactly(tmp_path):
         assert torch.equal(again[k], final[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_moe_two_ranks_match_single_process(tmp_path, mode):
     """2 ranks x batch 4 = 1 process x batch 8, with expert bias (counts all-reduced) and per-sequence balance

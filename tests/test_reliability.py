@@ -158,6 +158,7 @@ def wait_for_row(run: Path, step: int, proc: subprocess.Popen, timeout: float = 
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path, base, capsys):
     """Killed twice mid-checkpoint (self-inflicted, at seeded steps and stages) and once from outside at a
     random moment, then resumed: losses, evaluations and weights equal an uninterrupted run's bit for bit."""
@@ -207,6 +208,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run(tmp_path, base, 
     assert not list((run / "checkpoints").glob(".tmp_*")), "crash leftovers are removed by the next save"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "who"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C (SIGINT)")],
                          ids=["sigterm", "sigint"])
 def test_stop_signal_saves_a_checkpoint_and_resume_matches_uninterrupted_run(tmp_path, base, capsys, signum, who):
@@ -234,6 +236,7 @@ def test_stop_signal_saves_a_checkpoint_and_resume_matches_uninterrupted_run(tmp
     assert_same_weights(list_checkpoints(run)[-1], list_checkpoints(ref)[-1])
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_stays_intact(tmp_path, base, capsys):
     """Two Ctrl-Cs while the checkpoint of step 8 is being written: the first asks for a stop, the second
     aborts the save at once (exit 130, one line). The step 4 checkpoint is the newest and verifies; the
@@ -614,6 +617,7 @@ def _can_mount_tmpfs() -> bool:
     return subprocess.run(probe, capture_output=True, check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_tmpfs(tmp_path, base):
     """A 20 MiB tmpfs (in a private mount namespace) holds one 13 MiB checkpoint but not a second beside it.
     The run folder is copied out before the namespace, and the tmpfs with it, goes away."""

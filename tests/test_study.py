@@ -312,6 +312,7 @@ def test_report_fields_from_fake_unified_runs(tmp_path):
 # --------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_smoke_budget_runs_the_whole_pipeline(tmp_path, capsys):
     """grid -> runs (real training and scoring) -> report -> results.json, on the smoke budget."""
     out = tmp_path / "study"

@@ -19,6 +19,7 @@ def fast_run(tmp_path_factory):
     return out, theory.run_all(out, fast=True)
 
 
+@pytest.mark.slow
 def test_fast_subset_passes(fast_run):
     _, results = fast_run
     assert len(results) == len(theory.CHECKS)
@@ -26,6 +27,7 @@ def test_fast_subset_passes(fast_run):
     assert not failed, failed
 
 
+@pytest.mark.slow
 def test_fast_run_writes_record_report_and_plots(fast_run):
     out, results = fast_run
     data = json.loads((out / "theory.json").read_text())

@@ -105,6 +105,7 @@ def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_match_single_process(tmp_path, mode):
     """2 ranks x batch 4 see exactly the windows of 1 process x batch 8, so the losses must agree."""
