@@ -17,7 +17,7 @@ from pathlib import Path
 from gpu_common import DATA, DEVICE, STRATEGIES, Result, data_overrides, finite, pick, release
 
 from scalevec.config import load_config
-from scalevec.train.trainer import train
+from scalevec.train import train
 
 PRESET, BATCH, SEQ, SEEDS = pick(("0.12b", 8, 512, 3), ("tiny", 2, 32, 2))
 EPOCH_SHARE = pick(0.9, None)  # the share of the corpus's training tokens the runs see; smoke: a few steps

@@ -20,7 +20,7 @@ from harness import SHAPES, Step, batch, build, flops_per_token, interleaved, ma
 from reference import Llama, optimizer
 
 from scalevec.config import TrainConfig
-from scalevec.train.trainer import COMPILE_AUTO_MIN_STEPS, use_compile
+from scalevec.train.compiling import COMPILE_AUTO_MIN_STEPS, use_compile
 
 PATHS = {"fp32-eager": ("fp32", False), "bf16-eager": ("bf16", False), "fp32-compile": ("fp32", True),
          "bf16-compile": ("bf16", True)}

@@ -84,9 +84,23 @@ def test_or_direction_has_unit_norm_times_sqrt_d():
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_hg_at_init_equals_shared(style):
+def test_hg_with_equal_branch_gains_equals_the_shared_gain(style):
+    """HG generalises the shared gain: branch gains all set to the site's γ give the baseline's function, and
+    moving one branch's gain alone changes it."""
+    base, hg = tiny("baseline", style), tiny("hg", style)  # same seed: same weights
+    g = torch.Generator().manual_seed(2)
+    site_gain = {}
+    for name, gain in gains(base):
+        site_gain[name] = 1 + 0.3 * torch.randn(gain.dim, generator=g)
+        gain.set_value(site_gain[name])
+    for name, gain in gains(hg):  # blocks.0.attn.q.in reads what blocks.0.attn.in gave every branch
+        parts = name.split(".")
+        gain.set_value(site_gain[name] if name in site_gain else site_gain[".".join(parts[:-2] + parts[-1:])])
     x = torch.randint(0, 96, (2, 10))
-    torch.testing.assert_close(tiny("hg", style)(x), tiny("baseline", style)(x))
+    torch.testing.assert_close(hg(x), base(x))
+    q = dict(gains(hg))["blocks.0.attn.q.in"]
+    q.set_value(site_gain["blocks.0.attn.in"] * (1 + 0.5 * torch.rand(q.dim, generator=g)))  # not uniform: QK-norm
+    assert (hg(x) - base(x)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("style", STYLES)

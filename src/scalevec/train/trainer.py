@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 import scalevec.train.distributed as D
-from scalevec import cpu_kernels
 from scalevec.config import Config, ConfigError
 from scalevec.device import autocast, pick_device
 from scalevec.evaluate import evaluate
 from scalevec.fileio import atomic_write_text
 from scalevec.info import count_params
 from scalevec.models import build_model
+from scalevec.ops import dnp_swiglu
 from scalevec.optim import build_optimizer, decay_start, lr_factor, set_lr
 from scalevec.roles import param_roles
 from scalevec.scale import scale_statistics
@@ -128,7 +128,7 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = model = build_model(cfg.model, cfg.scale).to(device)
-        cpu_kernels.enable(model)  # on CPU, DNP's kernel: built here rather than inside a traced forward
+        dnp_swiglu.enable(model)  # on CPU, DNP's kernel: built here rather than inside a traced forward
         roles = param_roles(model)
         self.counts = count_params(model)
         self.wrapped = D.wrap(model, cfg.dist.mode, info, device)
