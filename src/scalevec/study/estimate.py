@@ -37,8 +37,8 @@ class TimeModel:
         return (self.cold if cold else self.warm) + tokens * (self.a + self.b * n)
 
 
-# Fitted on the calibration runs of docs/studies.md ("Budgets and time"): 2 cores shared, two runs at once.
-DEFAULT = TimeModel(warm=14.0, cold=47.0, a=3.3e-5, b=3.5e-12, source="measured defaults of the cpu budget")
+# Fitted on the measured runs of docs/studies.md ("Budgets and time"): 2 cores, two runs at once.
+DEFAULT = TimeModel(warm=8.7, cold=15.4, a=1.67e-5, b=0.0, source="measured defaults of the cpu budget")
 
 
 @cache
