@@ -1,4 +1,4 @@
-"""The paper's experiments (PAPER.md section 4) as grids of paired runs.
+"""The paper's experiments (docs/paper.md) as grids of paired runs.
 
 A study is a list of *stages*; a stage maps the knobs and the results of the earlier stages to run specs, so
 a later stage can train at an optimum an earlier one found. In every comparison each arm runs on a log grid
