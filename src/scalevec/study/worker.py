@@ -104,8 +104,8 @@ if __name__ == "__main__":
     except _errors() as e:
         from scalevec.train.errors import TrainingStopped
 
-        if isinstance(e, TrainingStopped):  # SIGTERM: checkpoint saved; the next study invocation resumes it
+        if isinstance(e, TrainingStopped):  # SIGTERM or Ctrl-C: checkpoint saved; the next invocation resumes it
             print(f"stopped: {e}", file=sys.stderr)
-            sys.exit(143)
+            sys.exit(e.exit_code)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
