@@ -5,7 +5,7 @@
 - step time in interleaved rounds (``harness.interleaved``) with an A/A row: the baseline measured in a second
   slot of every round, whose ratio to the first is the noise floor of the unified/baseline ratio;
 - tokens/s, and MFU against the measured bf16 matmul peak and the datasheet's, FLOPs counted per matmul on the
-  parameters a token passes through (``harness.flops_per_token``: top-k and shared experts for MoE);
+  parameters a token passes through (``scalevec.train.mfu.flops_breakdown``: top-k and shared experts for MoE);
 - compile time (cold, then with inductor's caches warm) and each strategy's top kernels by device time.
 
 b: dense 0.12b compiled; c: moe-0.12b compiled; d: 1b eager at batch 2 x 2048 (its compile would not fit).

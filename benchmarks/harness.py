@@ -24,6 +24,8 @@ from scalevec.ops import dnp_swiglu as kernel_ops
 from scalevec.optim import build_optimizer
 from scalevec.strategy import ScaleConfig, preset
 from scalevec.train.compiling import compile_model
+from scalevec.train.mfu import flops_breakdown as flops_per_token  # noqa: F401 - the benchmarks import it from here
+from scalevec.train.mfu import measure_matmul_peak
 
 VOCAB = 4096  # the data pipeline's default BPE vocabulary (already a multiple of 64)
 
@@ -224,43 +226,10 @@ def training_memory(step: Step) -> dict[str, int]:
 # ---- FLOPs and peak ------------------------------------------------------------------------------------------
 
 
-def flops_per_token(mc: ModelConfig, seq: int) -> dict[str, float]:
-    """Training FLOPs per token (3x the forward's matmul FLOPs), counted exactly per matmul.
-
-    ``dense``: every weight matmul a token passes through (attention projections, MLP or its top-k experts and
-    the router, LM head); ``attention``: QKᵀ and AV at the PaLM convention, 12·L·d·T (the full T×T square;
-    causal kernels skip about half of it). Norms, softmax and elementwise ops are not counted."""
-    d, L, hd = mc.d_model, mc.n_layers, mc.head_dim
-    attn_proj = 2 * d * (mc.n_heads * hd + 2 * mc.kv_heads * hd) + 2 * mc.n_heads * hd * d
-    moe = mc.moe
-    dense_layers = min(L, moe.first_dense) if moe.num_experts else L
-    mlp_dense = 2 * 3 * d * mc.d_ff
-    if moe.num_experts:
-        de = moe.d_expert or mc.d_ff
-        mlp_moe = 2 * 3 * d * de * (moe.top_k + moe.num_shared) + 2 * d * moe.num_experts
-    else:
-        mlp_moe = 0.0
-    fwd = L * attn_proj + dense_layers * mlp_dense + (L - dense_layers) * mlp_moe + 2 * d * mc.vocab_size
-    attention = 12 * L * d * seq
-    return {"dense": 3 * fwd, "attention": attention, "total": 3 * fwd + attention}
-
-
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10,
                 device: str = "cpu") -> float:
     """Measured matmul throughput (FLOP/s) of an n×n×n product: the best of ``reps`` runs, as a peak."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(2):
-        a @ b
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return measure_matmul_peak(device, dtype, n, reps)
 
 
 def release() -> None:
