@@ -16,7 +16,7 @@ from scalevec.study import stats
 from scalevec.study.budgets import BUDGETS, knobs_for
 from scalevec.study.estimate import TimeModel, calibrate
 from scalevec.study.grids import NULL, STUDIES, kv
-from scalevec.study.report import write_index, write_report
+from scalevec.study.report import ANSWER_BEGIN, ANSWER_END, write_answer, write_index, write_report
 from scalevec.study.runner import Runner
 from scalevec.study.spec import RunSpec
 from scalevec.study.tuning import fit_optimum, loss_at, token_multiplier
@@ -306,7 +306,29 @@ def test_report_fields_from_fake_unified_runs(tmp_path):
     for png in ("claims.png", "lr_grids.png", "loss_curves.png", "gamma_baseline.png", "wsd_delta.png",
                 "loss_vs_compute.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
-    assert "SUPPORTED: Unified lowers the loss" in write_index({"unified": md}, tmp_path).read_text()
+    index = write_index({"unified": md}, tmp_path).read_text()
+    assert "SUPPORTED: Unified lowers the loss" in index
+    # the table of every claim: one row per claim and one per multiplier, each naming its study and group
+    table = [ln for ln in index.split("## [unified]")[0].splitlines() if ln.startswith("| **") or "| measured |" in ln]
+    assert len(table) == len(res["claims"]) + len(res["multiplier"]) and all("unified: " in ln for ln in table)
+
+    doc = tmp_path / "studies.md"
+    doc.write_text(f"# Intro\n\n{ANSWER_BEGIN}\nstale row\n{ANSWER_END}\n\nhand-written tail\n")
+    write_answer({"unified": md}, doc)
+    text = doc.read_text()
+    assert "stale row" not in text and text.startswith("# Intro") and text.endswith("hand-written tail\n")
+    assert text.count("| **SUPPORTED** |") == sum(c["verdict"] == "SUPPORTED" for c in res["claims"]) > 0
+
+
+def test_report_refuses_a_doc_without_an_answer_block_before_writing(tmp_path, capsys):
+    doc = tmp_path / "studies.md"
+    doc.write_text("# no markers here\n")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(json.dumps({"study": "necessity", "budget": "cpu", "knobs": {},
+                                                           "runs": []}))
+    assert cli_main(["report", str(tmp_path / "s"), "--out", str(tmp_path / "out"), "--answer-into", str(doc)]) != 0
+    assert "--answer-into" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert doc.read_text() == "# no markers here\n"
 
 
 # --------------------------------------------------------------------------------------------- end to end

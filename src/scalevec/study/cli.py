@@ -83,6 +83,10 @@ def cmd_report(args) -> int:
     dirs = [root] if (root / "study.json").is_file() else sorted(p.parent for p in root.glob("*/study.json"))
     if not dirs:
         raise ConfigError(f"report: {root} holds no study (no study.json in it or in its subfolders)")
+    if args.answer_into:
+        from scalevec.study.report import check_answer_block
+
+        check_answer_block(Path(args.answer_into))
     reports = {}
     for d in dirs:
         out = (
@@ -99,6 +103,10 @@ def cmd_report(args) -> int:
         from scalevec.study.report import write_index
 
         print(f"index: {write_index(reports, Path(args.out) if args.out else root)}")
+    if args.answer_into:
+        from scalevec.study.report import write_answer
+
+        print(f"answer: {write_answer(reports, Path(args.answer_into))}")
     return 0
 
 
@@ -154,5 +162,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--out", help="where to write (default: DIR/report; with several studies: OUT/<study>)")
     rp.add_argument(
         "--tensorboard", metavar="LOGDIR", help="also write every run's metrics as TensorBoard logs"
+    )
+    rp.add_argument(
+        "--answer-into", metavar="DOC",
+        help="also replace the marked answer block of DOC (e.g. docs/studies.md) with every claim's row",
     )
     rp.set_defaults(fn=cmd_report)

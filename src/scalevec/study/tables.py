@@ -58,6 +58,32 @@ def optima_table(group: str, detail: dict, runs: list[Run]) -> list[str]:
     return [*lines, ""]
 
 
+def params_span(ns: list[int]) -> str:
+    return "—" if not ns else f"{ns[0] / 1e3:.0f}k" if len(ns) == 1 or ns[-1] < 1.05 * ns[0] \
+        else f"{ns[0] / 1e3:.0f}k–{ns[-1] / 1e3:.0f}k"
+
+
+def answer_table(results: dict[str, dict]) -> list[str]:
+    """Every claim of every study in one table: verdict, effect, the scale it was measured at, the paper's
+    number; what a user asks first."""
+    lines = ["| verdict | claim | group | Δ (arm − ref), 95% CI | p (Holm) | MDE | scale | the paper |",
+             "|---|---|---|---|---|---|---|---|"]
+    for study, res in results.items():
+        reg = res.get("regime") or {}
+        scale = f"{params_span(reg.get('non_embedding_params', []))} params, ≥ {f(reg.get('tokens_per_param'), 0)} " \
+                "tokens/param"
+        for c in res.get("claims", []):
+            where = c["group"] if c["group"].startswith(study) else f"{study}: {c['group']}"
+            lines.append(f"| **{c['verdict']}** | {c['claim']} | {where} | {f(c['delta'], sign=True)} "
+                         f"{ci(c['ci95'])} | {pv(c['p_holm'])} | {f(c.get('mde'))} | {scale}, {c.get('n', '—')} seeds "
+                         f"| {c.get('paper') or '—'} |")
+        for m in res.get("multiplier", []):
+            val = f"{m['value']:.3f}× {ci(m['ci95'], 3, sign=False)}" if m["value"] is not None else m["bound"]
+            lines.append(f"| measured | compute multiplier of unified | {study}: {m['rung']} | {val} | — | — | "
+                         f"{m.get('n_params') or '—'} params | 1.22–1.25× |")
+    return lines
+
+
 def regime_lines(reg: dict, noise: dict) -> list[str]:
     ns = ", ".join(f"{n / 1e3:.0f}k" for n in reg["non_embedding_params"]) or "—"
     lines = [(f"- Non-embedding parameters: {ns}; at least **{f(reg['tokens_per_param'], 1)} tokens per parameter**; "
