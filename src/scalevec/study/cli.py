@@ -111,7 +111,7 @@ def cmd_report(args) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from scalevec.study.budgets import BUDGETS
+    from scalevec.study.budgets import BUDGETS, JOBS
     from scalevec.study.grids import STUDIES
 
     st = sub.add_parser(
@@ -136,7 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--steps", type=int, help="optimizer steps per run instead of --set tokens_per_param=... (tests)"
     )
     st.add_argument("--out", default="runs/study", help="root of run folders and study manifests")
-    st.add_argument("--jobs", type=int, help="runs at once (default: 2 on cpu, 6 on gpu)")
+    st.add_argument("--jobs", type=int, help="runs at once (default: "
+                    + ", ".join(f"{n} on {b}" for b, n in JOBS.items()) + ")")
     st.add_argument("--threads", type=int, help="torch threads per run (default 1)")
     st.add_argument("--lr-from", help="an lr-sweep (pilot) study folder: centre each arm's LR grid on its optimum")
     st.add_argument("--grid", help="a TOML file of study knobs (see configs/studies/)")
