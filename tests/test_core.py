@@ -10,14 +10,18 @@ import torch
 from scalevec.config import load_config
 from scalevec.fold import fold
 from scalevec.groups import param_groups
-from scalevec.info import count_params
+from scalevec.info import count_params, scale_sites
 from scalevec.models import MODEL_PRESETS, build_model, model_preset
 from scalevec.roles import Role, param_roles, role_of
-from scalevec.scale import BranchGains, ScaleVector, gains
-from scalevec.strategy import PRESETS, ScaleConfig, preset
+from scalevec.scale import ScaleVector, gains
+from scalevec.strategy import PRESETS, preset
 from scalevec.typed_config import ConfigError
 
 STYLES = ("llama", "gemma")
+
+
+def slot_roles(model) -> dict[str, Role]:
+    return {s["slot"]: Role(s["role"]) for s in scale_sites(model)}
 
 
 def tiny(strategy: str, style: str = "llama", tie: bool = False, vocab: int = 96, **overrides):
@@ -90,16 +94,16 @@ def test_hg_with_equal_branch_gains_equals_the_shared_gain(style):
     base, hg = tiny("baseline", style), tiny("hg", style)  # same seed: same weights
     g = torch.Generator().manual_seed(2)
     site_gain = {}
-    for name, gain in gains(base):
-        site_gain[name] = 1 + 0.3 * torch.randn(gain.dim, generator=g)
-        gain.set_value(site_gain[name])
-    for name, gain in gains(hg):  # blocks.0.attn.q.in reads what blocks.0.attn.in gave every branch
+    for name, sv, _ in gains(base):
+        site_gain[name] = 1 + 0.3 * torch.randn(sv.dim, generator=g)
+        sv.set_value(site_gain[name])
+    for name, sv, row in gains(hg):  # blocks.0.attn.q.in reads what blocks.0.attn.in gave every branch
         parts = name.split(".")
-        gain.set_value(site_gain[name] if name in site_gain else site_gain[".".join(parts[:-2] + parts[-1:])])
+        sv.set_value(site_gain[name] if name in site_gain else site_gain[".".join(parts[:-2] + parts[-1:])], row)
     x = torch.randint(0, 96, (2, 10))
     torch.testing.assert_close(hg(x), base(x))
-    q = dict(gains(hg))["blocks.0.attn.q.in"]
-    q.set_value(site_gain["blocks.0.attn.in"] * (1 + 0.5 * torch.rand(q.dim, generator=g)))  # not uniform: QK-norm
+    q, row = next((sv, row) for name, sv, row in gains(hg) if name == "blocks.0.attn.q.in")
+    q.set_value(site_gain["blocks.0.attn.in"] * (1 + 0.5 * torch.rand(q.dim, generator=g)), row)  # not uniform
     assert (hg(x) - base(x)).abs().max() > 1e-3
 
 
@@ -160,7 +164,7 @@ def test_decay_policies(policy, inp, out):
 
 def test_unified_roles_follow_absorbability():
     m = tiny("unified")
-    roles = {g.slot: g.role for _, g in gains(m)}
+    roles = slot_roles(m)
     assert roles["attn.q.in"] == Role.INPUT_SCALE
     assert roles["attn.q.out"] == Role.INPUT_SCALE  # DP: folds into W_q's rows
     assert roles["attn.k.out"] == Role.INPUT_SCALE
@@ -173,7 +177,7 @@ def test_dnp_everywhere_makes_q_k_output_gains_output_role():
     cfg = load_config(overrides=["scale.strategy=unified", "scale.attn.placement=dual_norm"])
     mc = model_preset("tiny")
     mc.vocab_size = 64
-    roles = {g.slot: g.role for _, g in gains(build_model(mc, cfg.scale))}
+    roles = slot_roles(build_model(mc, cfg.scale))
     assert roles["attn.q.out"] == roles["attn.k.out"] == Role.OUTPUT_SCALE  # the shape of QK-norm
     assert roles["attn.v.out"] == Role.INPUT_SCALE  # W_o absorbs it
 
@@ -183,7 +187,7 @@ def test_role_override_by_slot():
     mc = model_preset("tiny")
     mc.vocab_size = 64
     m = build_model(mc, cfg.scale)
-    roles = {g.slot: g.role for _, g in gains(m)}
+    roles = slot_roles(m)
     assert roles["attn.q.out"] == Role.OUTPUT_SCALE  # the default is Input (DP's γ_a folds into W_q)
     assert roles["attn.k.out"] == Role.INPUT_SCALE
 
@@ -264,82 +268,3 @@ def test_set_value_keeps_direction_norm_of_init(param):
     sv = ScaleVector(64, param, Role.INPUT_SCALE)
     sv.set_value(torch.rand(64) + 0.5)
     assert sv.direction.norm().item() == pytest.approx(64 ** 0.5, rel=1e-5)
-
-
-# ---- storage: one parameter tensor per gain group ----------------------------------------------------------
-
-
-def test_every_gain_is_one_tensor_and_branches_share_one_per_role():
-    m = tiny("unified")
-    assert all(len(list(sv.parameters())) == 1 for sv in m.modules() if isinstance(sv, ScaleVector))
-    qkv = m.blocks[0].attn.qkv
-    # q/k/v input gains: one (3, d + 1) tensor (OR's α and m side by side); outputs split by role
-    assert dict(qkv.in_scales.named_parameters()).keys() == {"q_k_v.packed"}
-    assert qkv.in_scales.q_k_v.packed.shape == (3, 64 + 1)
-    assert {k for k, _ in qkv.out_scales.named_children()} == {"q", "k_v"}  # GQA: q wider than k and v
-
-
-def test_gains_grouped_otherwise_load_by_branch():
-    """A state dict with k's and v's γ_a apart (written when their roles differed) loads into the k_v group."""
-    m = tiny("unified")
-    sd = m.state_dict()
-    pre = "blocks.0.attn.qkv.out_scales."
-    kv = sd.pop(pre + "k_v.packed")
-    sd[pre + "k.packed"], sd[pre + "v.packed"] = kv[:1] * 2, kv[1:] * 3
-    fresh = tiny("unified")
-    fresh.load_state_dict(sd)
-    assert torch.equal(fresh.state_dict()[pre + "k_v.packed"], torch.cat([kv[:1] * 2, kv[1:] * 3]))
-
-
-def test_grouped_gains_update_like_separate_tensors():
-    """AdamW on a (branch, α|m) tensor takes the steps it takes on a separate α and m per branch."""
-    scale = ScaleConfig()
-    bg = BranchGains([(b, 8, Role.INPUT_SCALE, f"a.{b}.in") for b in ("q", "k", "v")], "or", scale)
-    with torch.no_grad():
-        bg.q_k_v.packed.mul_(torch.rand(3, 9, generator=torch.Generator().manual_seed(0)) + 0.5)
-    sep = [t.detach().clone().requires_grad_() for r in bg.q_k_v.packed for t in (r[:8], r[8:])]
-
-    def reference(a, m):  # PAPER.md §3: γ = m · √d · α/‖α‖
-        return m * 8 ** 0.5 * a / a.norm()
-
-    targets = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
-    opt_g = torch.optim.AdamW(bg.parameters(), lr=0.05, weight_decay=0.1)
-    opt_s = torch.optim.AdamW(sep, lr=0.05, weight_decay=0.1)
-    for _ in range(5):
-        for opt, gam in ((opt_g, list(bg.gammas().values())),
-                         (opt_s, [reference(sep[2 * i], sep[2 * i + 1]) for i in range(3)])):
-            opt.zero_grad()
-            sum(((g - t) ** 2).sum() for g, t in zip(gam, targets)).backward()
-            opt.step()
-    for i, b in enumerate(("q", "k", "v")):
-        torch.testing.assert_close(bg[b](), reference(sep[2 * i], sep[2 * i + 1]).detach())
-
-
-def _one_tensor_per_branch(model) -> dict[str, torch.Tensor]:
-    """``model``'s state dict in the layout before grouping: ``<site>.in_scales.q.direction`` etc."""
-    sd = dict(model.state_dict())
-    for name, m in model.named_modules():
-        if isinstance(m, BranchGains):
-            for key, sv in m.named_children():
-                rows = sd.pop(f"{name}.{key}.{'gamma' if sv.param == 'plain' else 'packed'}")
-                for b, row in zip(key.split("_"), rows):
-                    if sv.param == "plain":
-                        sd[f"{name}.{b}.gamma"] = row
-                    else:
-                        sd[f"{name}.{b}.direction"], sd[f"{name}.{b}.magnitude"] = row[..., : sv.dim], row[..., sv.dim:]
-        elif isinstance(m, ScaleVector) and f"{name}.packed" in sd:
-            packed = sd.pop(f"{name}.packed")
-            sd[f"{name}.direction"], sd[f"{name}.magnitude"] = packed[..., : m.dim], packed[..., m.dim:]
-    return sd
-
-
-@pytest.mark.parametrize("strategy", ["hg", "dp", "or", "er", "unified"])
-def test_checkpoint_with_one_tensor_per_gain_loads(strategy):
-    m = tiny(strategy)
-    perturb_gains(m)
-    old = _one_tensor_per_branch(m)
-    assert {k: v.shape for k, v in old.items()} != {k: v.shape for k, v in m.state_dict().items()}
-    fresh = tiny(strategy)
-    fresh.load_state_dict(old, strict=True)
-    x = torch.randint(0, 96, (2, 12))
-    torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)

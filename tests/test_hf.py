@@ -87,9 +87,9 @@ def test_retrofit_preserves_function(tmp_path, strategy, overrides):
     if strategy == "unified":  # HG copies the shared γ into every branch; DP starts with γ_a = 1
         qkv, gamma = imp.model.blocks[0].attn.qkv, ref.model.layers[0].input_layernorm.weight
         for b in ("q", "k", "v"):
-            torch.testing.assert_close(qkv.in_scales[b](), gamma.detach())
-            torch.testing.assert_close(qkv.out_scales[b](), torch.ones(qkv.out_scales[b].dim))
-        assert qkv.in_scales["q"].param == "or"
+            torch.testing.assert_close(qkv.gains.inputs()[b], gamma.detach())
+            torch.testing.assert_close(qkv.gains.out_gains[b](), torch.ones(qkv.gains.out_gains[b].dim))
+        assert qkv.gains.in_gain.param == "or"
 
 
 def test_import_reads_sharded_and_bin_checkpoints(tmp_path):

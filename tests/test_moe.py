@@ -60,14 +60,14 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 @torch.no_grad()
 def naive(m: MoE, x: torch.Tensor) -> torch.Tensor:
     """Per token, per selected expert, gains applied to activations: an independent reading of the layer."""
-    def gain(sv, e):
-        if sv is None:
+    def gain(v, e):
+        if v is None:
             return 1.0
-        v = sv()
+        v = v() if callable(v) else v
         return v[e] if v.dim() == 2 else v
 
-    d, ins, outs = m.d_model, dict(m.in_scales), dict(m.out_scales)
-    h = F.rms_norm(x, (d,), m.in_scale() if m.in_scale is not None else None, m.eps).reshape(-1, d)
+    d, ins, outs = m.d_model, m.gains.inputs(), m.gains.outputs()
+    h = F.rms_norm(x, (d,), m.gains.shared_input(), m.eps).reshape(-1, d)
     out = torch.zeros_like(h)
     for t in range(h.shape[0]):
         v = h[t] * gain(m.router_in, 0)
@@ -237,7 +237,7 @@ def test_aux_loss_carries_coefficients_and_none_when_disabled():
     assert m.last_aux_loss is None
     m = MoE(small_cfg(aux_coef=0.5, z_coef=0.0), preset("baseline"))
     m(x)
-    _, scores, idx, _ = m.route(F.rms_norm(x, (32,), m.in_scale(), m.eps).reshape(-1, 32))
+    _, scores, idx, _ = m.route(F.rms_norm(x, (32,), m.gains.shared_input(), m.eps).reshape(-1, 32))
     assert m.last_aux_loss.item() == pytest.approx(0.5 * m._balance_loss(scores, idx, 2).item())
 
 
@@ -284,11 +284,12 @@ def test_first_dense_and_roles():
     for w in ("w_gate", "w_up", "w_down"):
         assert roles[ffn + w] == Role.EXPERT_MATRIX and dict(model.named_parameters())[ffn + w].shape[0] == 5
     assert roles[ffn + "router"] == Role.ROUTER
-    slot_roles = {g.slot: g.role for _, g in gains(model.blocks[1].ffn)}
+    slot_roles = {name: sv.role for name, sv, _ in gains(model.blocks[1].ffn)}  # outside blocks: name = slot
     assert slot_roles == {"mlp.gate.in": Role.INPUT_SCALE, "mlp.up.in": Role.INPUT_SCALE,
                           "mlp.gate.out": Role.OUTPUT_SCALE, "mlp.up.out": Role.INPUT_SCALE,
                           "router.in": Role.INPUT_SCALE}
-    assert model.blocks[1].ffn.in_scales["gate"]().shape == (5, 32)  # one γ per expert
+    assert model.blocks[1].ffn.gains.inputs()["gate"].shape == (5, 32)  # one γ per expert
+    assert model.blocks[1].ffn.gains.out_gains["up"]().shape == (5, 16)
 
 
 @pytest.mark.parametrize(("name", "per_expert", "moe"), [

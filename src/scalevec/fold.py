@@ -21,7 +21,7 @@ def _fold_site(src: Site, dst: Site) -> None:
     for name, (w, gain) in src.folded().items():
         dst.weights[name].copy_(w)
         if gain is not None:
-            dst.out_scales[name].set_value(gain)
+            dst.gains.out_gains[name].set_value(gain)
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def fold(model: nn.Module) -> nn.Module:
 
     cfg = copy.deepcopy(model.cfg)
     head: Site = model.head
-    if cfg.tie_embeddings and (head.in_scale is not None or len(head.in_scales) or len(head.out_scales)):
+    if cfg.tie_embeddings and (head.gains.in_gain is not None or len(head.gains.out_gains)):
         cfg.tie_embeddings = False  # the head's gain makes it differ from the embedding
     new = build_model(cfg, folded_strategy(model.scale))
     ref = next(model.parameters())

@@ -7,7 +7,7 @@ from collections import Counter
 from torch import nn
 
 from scalevec.roles import SCALE_ROLES, Role, param_roles
-from scalevec.scale import BranchGain, gain_modules
+from scalevec.scale import gain_modules
 
 EMBEDDING_ROLES = (Role.EMBEDDING, Role.HEAD)
 
@@ -34,11 +34,9 @@ def scale_sites(model: nn.Module) -> list[dict]:
     """Every scale vector, one per branch: its name (as in ``metrics.jsonl`` and the plots), the module that
     holds it, its slot (the ``scale.roles`` key), role, parameterisation and size."""
     out = []
-    for name, module, g in gain_modules(model):
-        if isinstance(g, BranchGain):  # a row of a grouped tensor: its share of the parameters
-            numel = sum(p[g.row].numel() for p in g.vector.parameters())
-        else:
-            numel = sum(p.numel() for p in g.parameters())
-        out.append({"name": name, "module": module, "slot": g.slot, "role": g.role.value, "param": g.param,
+    for name, module, sv, row in gain_modules(model):
+        numel = sum(p.numel() if row is None else p[row].numel() for p in sv.parameters())  # HG: its row
+        slot = sv.slot if row is None else sv.slot.split(",")[row]
+        out.append({"name": name, "module": module, "slot": slot, "role": sv.role.value, "param": sv.param,
                     "numel": numel})
     return out

@@ -22,8 +22,9 @@ from torch import nn
 
 from scalevec.ops.dnp_swiglu import dnp_swiglu
 from scalevec.roles import Role, tag
-from scalevec.scale import BranchGains, ScaleVector, make_scale
+from scalevec.scale import ScaleVector, make_scale, slot_role
 from scalevec.strategy import ScaleConfig, SiteSpec
+from scalevec.typed_config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -83,19 +84,87 @@ def output_gain_role(spec: SiteSpec, feeds_linear: bool) -> Role:
     return Role.INPUT_SCALE if not spec.has_norm or feeds_linear else Role.OUTPUT_SCALE
 
 
-def site_gains(name: str, d_in: int, branches: list[BranchDef], spec: SiteSpec, scale: ScaleConfig,
-               lead: tuple[int, ...] = ()) -> tuple[ScaleVector | None, BranchGains, BranchGains]:
-    """The gains the strategy places at a site: the input gain its branches share (or None), the branches' own
-    input gains (HG) and their output gains (DP, DNP); ``lead`` gives the branch gains leading dimensions (one
-    gain per expert)."""
-    shared = spec.shared or len(branches) == 1
-    in_scale = make_scale(d_in, spec.param, Role.INPUT_SCALE, scale, f"{name}.in") \
-        if spec.has_input and shared else None
-    ins = [(b.name, d_in, Role.INPUT_SCALE, f"{name}.{b.name}.in") for b in branches] \
-        if spec.has_input and not shared else []
-    outs = [(b.name, b.d_out, output_gain_role(spec, b.out_feeds_linear), f"{name}.{b.name}.out")
-            for b in branches] if spec.has_output else []
-    return in_scale, BranchGains(ins, spec.param, scale, lead), BranchGains(outs, spec.param, scale, lead)
+class SiteGains(nn.Module):
+    """The gains the strategy places at a site: ``in_gain``, the input γ shared by its branches (shape
+    ``(d_in,)``) or HG's branch input gains as the rows of one tensor ``(n_branches, *lead, d_in)`` in branch
+    order, and ``out_gains``, each branch's own output γ (DP, DNP). ``lead`` gives the branch gains leading
+    dimensions (one gain per expert)."""
+
+    def __init__(self, name: str, d_in: int, branches: list[BranchDef], spec: SiteSpec, scale: ScaleConfig,
+                 lead: tuple[int, ...] = ()):
+        super().__init__()
+        self.branches, self.lead = [b.name for b in branches], lead
+        self.per_branch_input = spec.has_input and not (spec.shared or len(branches) == 1)  # HG
+        self.in_gain = None
+        if self.per_branch_input:
+            slots = [f"{name}.{b.name}.in" for b in branches]
+            roles = {slot_role(s, Role.INPUT_SCALE, scale) for s in slots}
+            if len(roles) > 1:  # one tensor has one role (one optimizer group)
+                raise ConfigError(f"scale.roles: {', '.join(slots)} are one tensor (HG's rows) and take one role; "
+                                  f"got {sorted(r.value for r in roles)}")
+            self.in_gain = make_scale(d_in, spec.param, roles.pop(), scale, ",".join(slots),
+                                      lead=(len(branches), *lead))
+        elif spec.has_input:
+            self.in_gain = make_scale(d_in, spec.param, Role.INPUT_SCALE, scale, f"{name}.in")
+        self.out_gains = nn.ModuleDict()
+        if spec.has_output:
+            for b in branches:
+                self.out_gains[b.name] = make_scale(b.d_out, spec.param, output_gain_role(spec, b.out_feeds_linear),
+                                                    scale, f"{name}.{b.name}.out", lead=lead)
+
+    def shared_input(self) -> torch.Tensor | None:
+        """The input γ every branch reads, applied by the norm; None with HG or without an input gain."""
+        return self.in_gain() if self.in_gain is not None and not self.per_branch_input else None
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """HG: every branch's own input γ, the rows of ``in_gain`` (one forward for all); else empty."""
+        if not self.per_branch_input:
+            return {}
+        rows = self.in_gain()
+        # Rows by indexing (a view the compiled backward recomputes) rather than ``unbind``, whose outputs the
+        # partitioner saves as more inputs of the compiled backward.
+        return {b: rows[i] for i, b in enumerate(self.branches)}
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """Every branch's output γ (DP, DNP); empty without output gains."""
+        return {b: g() for b, g in self.out_gains.items()}
+
+    def extra_repr(self) -> str:
+        return f"branches={self.branches}, per_branch_input={self.per_branch_input}"
+
+
+def load_gains_beside_weights(owner: nn.Module, state_dict: dict, base: str, *_) -> None:
+    """A load-state-dict pre-hook for the module that holds a ``SiteGains`` as ``gains`` (a site, an MoE layer):
+    loads a checkpoint that kept the gains beside the weights, ``in_scale`` (shared), ``in_scales`` and
+    ``out_scales``, with branch gains of equal size and role as the rows of one tensor named by its branches
+    joined with ``_`` (``out_scales.k_v``), or one tensor per branch (``out_scales.q``)."""
+    module: SiteGains = owner.gains
+    prefix = base + "gains."
+    branch: dict[tuple[str, str, str], torch.Tensor] = {}  # (place, branch, tensor name) -> its tensor
+    for key in [k for k in state_dict if k.startswith(base)]:
+        parts = key[len(base):].split(".")
+        if parts[0] == "in_scale" and len(parts) == 2:
+            state_dict[f"{prefix}in_gain.{parts[1]}"] = state_dict.pop(key)
+        elif parts[0] in ("in_scales", "out_scales") and len(parts) == 3:
+            t, names = state_dict.pop(key), parts[1].split("_")
+            if t.dim() == len(module.lead) + 2 and t.shape[0] == len(names):  # rows of a group
+                rows = list(t)
+            elif t.dim() == len(module.lead) + 1 and len(names) == 1:  # one tensor per branch
+                rows = [t]
+            else:
+                raise ValueError(f"{key}: shape {tuple(t.shape)} is neither a row per branch of {names} (the layout "
+                                 f"with grouped branch gains) nor one branch's gain; this layout keeps "
+                                 f"{prefix}in_gain and {prefix}out_gains.<branch>")
+            branch.update({(parts[0], b, parts[2]): r for b, r in zip(names, rows)})
+    for (place, b, name), t in branch.items():
+        if place == "out_scales":
+            state_dict[f"{prefix}out_gains.{b}.{name}"] = t
+    for name in {n for place, _, n in branch if place == "in_scales"}:
+        missing = [b for b in module.branches if ("in_scales", b, name) not in branch]
+        if missing:
+            raise ValueError(f"{base}in_scales: no {name} for branch(es) {missing} (the layout with grouped branch "
+                             f"gains); this layout keeps every branch's input gain as a row of {prefix}in_gain")
+        state_dict[f"{prefix}in_gain.{name}"] = torch.stack([branch["in_scales", b, name] for b in module.branches])
 
 
 def matrix(d_out: int, d_in: int, std: float, role: Role = Role.MATRIX) -> nn.Parameter:
@@ -121,21 +190,21 @@ class Site(nn.Module):
         self.name, self.d_in, self.eps, self.spec = name, d_in, eps, spec
         self.defs = branches
         self.splits = [b.d_out for b in branches]
-        self.in_scale, in_scales, out_scales = site_gains(name, d_in, branches, spec, scale)
+        # Before the weights, where the shared input gain always was: each role's optimizer group, and the
+        # parameter list that clipping's total norm sums over, see the gains in the order they always had.
+        self.gains = SiteGains(name, d_in, branches, spec, scale)
+        self.register_load_state_dict_pre_hook(load_gains_beside_weights)
         self.weights = nn.ParameterDict()
         for b in branches:
             self.weights[b.name] = weight if weight is not None else matrix(b.d_out, d_in, std, weight_role)
-        # The branch gains after the weights: the parameter order checkpoints and optimizers have always seen.
-        self.in_scales, self.out_scales = in_scales, out_scales
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.in_scale() if self.in_scale is not None else None
-        return F.rms_norm(x, (self.d_in,), g, self.eps)
+        return F.rms_norm(x, (self.d_in,), self.gains.shared_input(), self.eps)
 
     def effective_weights(self, fold_output: bool) -> list[torch.Tensor]:
         """Every branch's W with its own input gain (and, for DP, its output gain) multiplied in."""
-        v = self.in_scales.gammas()
-        u = self.out_scales.gammas() if fold_output else {}
+        v = self.gains.inputs()
+        u = self.gains.outputs() if fold_output else {}
         return [scaled_weight(self.weights[b.name], v.get(b.name), u.get(b.name)) for b in self.defs]
 
     def project(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -154,7 +223,7 @@ class Site(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         ys = self.project(x)
         if self.spec.has_norm:
-            gains = self.out_scales.gammas()
+            gains = self.gains.outputs()
             ys = [self._norm_out(b, y, gains.get(b.name)) for b, y in zip(self.defs, ys)]
         return ys
 
@@ -171,11 +240,12 @@ class Site(nn.Module):
     def folded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """{branch: (weight with every foldable gain multiplied in, the output gain a norm keeps or None)}."""
         ws = self.effective_weights(fold_output=not self.spec.has_norm)
-        keep = self.out_scales.gammas() if self.spec.has_norm else {}
+        keep = self.gains.outputs() if self.spec.has_norm else {}
+        shared = self.gains.shared_input()
         out = {}
         for b, w in zip(self.defs, ws):
-            if self.in_scale is not None:
-                w = w * self.in_scale().unsqueeze(0)
+            if shared is not None:
+                w = w * shared.unsqueeze(0)
             k = keep.get(b.name)
             out[b.name] = (w.detach().clone(), None if k is None else k.detach().clone())
         return out
@@ -268,12 +338,12 @@ class MLP(nn.Module):
         )
         self.w_down = matrix(cfg.d_model, d_ff, cfg.init_std / math.sqrt(2 * cfg.n_layers))
         # DNP ("up" has its γ_a too); ``ops.dnp_swiglu.enable`` looks for this flag.
-        self.uses_dnp_swiglu = self.gate_up.spec.has_norm and "gate" in self.gate_up.out_scales
+        self.uses_dnp_swiglu = self.gate_up.spec.has_norm and "gate" in self.gate_up.gains.out_gains
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         site = self.gate_up
         if self.uses_dnp_swiglu:
-            g = site.out_scales.gammas()
+            g = site.gains.outputs()
             h = dnp_swiglu(site.project_joint(x), g["gate"], site.eps)  # [gate | up] in
             return F.linear(h, scaled_weight(self.w_down, g["up"]))
         gate, up = site(x)

@@ -4,11 +4,10 @@
 m = exp(b) (magnitude in exponential space). All three equal ``init`` at initialisation (docs/paper.md).
 Options: a vector magnitude instead of a scalar, no √d factor, and an elementwise exp on the direction for ER.
 
-Every gain is stored as one parameter tensor: OR/ER keep α and m side by side in ``packed``, and a site's
-branch-specific gains of equal size and role are the rows of one ``ScaleVector`` (``BranchGains``). The
-function and the AdamW update are those of separate tensors (AdamW and weight decay act elementwise, OR/ER
-normalise each row on its own); fewer tensors cut the per-tensor costs of the optimizer, clipping and the
-compiled step's inputs. Checkpoints written with separate tensors load through state-dict hooks.
+Every gain is stored as one parameter tensor: OR/ER keep α and m side by side in ``packed`` (a checkpoint with
+them apart loads through a state-dict hook). A vector may have leading dimensions: one gain per expert, or HG's
+input gains of a site as the rows of one vector in branch order (``layers.SiteGains``); OR/ER normalise each
+row on its own, and AdamW acts elementwise, so rows behave as separate gains.
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ from scalevec.strategy import ScaleConfig
 
 
 class ScaleVector(nn.Module):
-    """A gain of size ``dim`` (or ``(*lead, dim)``: per-expert gains, a site's branch rows) with a role fixed at
-    construction."""
+    """A gain of size ``dim`` (or ``(*lead, dim)``: per-expert gains, HG's branch rows) with a role fixed at
+    construction; ``slot`` is its ``scale.roles`` key (HG's rows: their slots joined by ``,``)."""
 
     def __init__(
         self,
@@ -127,121 +126,6 @@ def _pack_direction_magnitude(module: ScaleVector, state_dict: dict, prefix: str
         state_dict[prefix + "packed"] = torch.cat([state_dict.pop(a), state_dict.pop(m)], -1)
 
 
-class BranchGain:
-    """One branch's γ in a ``BranchGains``: row ``row`` of a grouped ``ScaleVector``. Not a module (the
-    parameter belongs to the group); call it for γ, ``set_value`` to write it."""
-
-    __slots__ = ("row", "vector")
-
-    def __init__(self, vector: ScaleVector, row: int):
-        self.vector, self.row = vector, row
-
-    def __call__(self) -> torch.Tensor:
-        return self.vector()[self.row]
-
-    def set_value(self, value: torch.Tensor) -> None:
-        self.vector.set_value(value, row=self.row)
-
-    @property
-    def param(self) -> str:
-        return self.vector.param
-
-    @property
-    def dim(self) -> int:
-        return self.vector.dim
-
-    @property
-    def role(self) -> Role:
-        return self.vector.role
-
-    @property
-    def slot(self) -> str:
-        return self.vector.slot.split(",")[self.row]
-
-
-class BranchGains(nn.Module):
-    """The branch-specific gains at one place of a site (HG's input gains, DP/DNP's output gains): one
-    ``ScaleVector`` per group of branches with equal size and role, whose rows are the branches' γ in branch
-    order. The group's submodule is named by its branches joined with ``_`` (``q_k_v``); ``gains[b]`` is
-    branch ``b``'s ``BranchGain`` and ``gammas()`` computes every γ with one forward per group."""
-
-    def __init__(self, members: list[tuple[str, int, Role, str]], param: str, scale: ScaleConfig,
-                 lead: tuple[int, ...] = ()):
-        """``members``: (branch, size, default role, slot) for each branch that has a gain here; ``scale.roles``
-        overrides a slot's role, as for single gains."""
-        super().__init__()
-        groups: dict[tuple[int, Role], list[tuple[str, str]]] = {}
-        for branch, dim, role, slot in members:
-            if "_" in branch:
-                raise ValueError(f"branch name {branch!r}: '_' joins branch names in group names")
-            groups.setdefault((dim, slot_role(slot, role, scale)), []).append((branch, slot))
-        self._rows: dict[str, tuple[str, int]] = {}
-        for (dim, role), group in groups.items():
-            key = "_".join(b for b, _ in group)
-            self.add_module(key, make_scale(dim, param, role, scale, ",".join(s for _, s in group),
-                                            lead=(len(group), *lead)))
-            self._rows.update({b: (key, i) for i, (b, _) in enumerate(group)})
-        self.register_load_state_dict_pre_hook(self._stack_branches)
-
-    def __contains__(self, branch: str) -> bool:
-        return branch in self._rows
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._rows)
-
-    def keys(self) -> list[str]:
-        return list(self._rows)
-
-    def __getitem__(self, branch: str) -> BranchGain:
-        key, row = self._rows[branch]
-        return BranchGain(self.get_submodule(key), row)
-
-    def items(self) -> list[tuple[str, BranchGain]]:
-        return [(b, self[b]) for b in self._rows]
-
-    def gammas(self) -> dict[str, torch.Tensor]:
-        """Every branch's γ, each group's forward run once."""
-        whole = {key: sv() for key, sv in self.named_children()}
-        # Rows by indexing (a view the compiled backward recomputes) rather than ``unbind``, whose outputs the
-        # partitioner saves as more inputs of the compiled backward.
-        return {b: whole[key][i] for b, (key, i) in self._rows.items()}
-
-    def _stack_branches(self, module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-        """Load a checkpoint whose branches were grouped otherwise: one tensor per branch (``q.gamma``,
-        ``q.direction``), or groups of other members (``k`` and ``v`` apart, before their roles agreed)."""
-        stored: dict[tuple[str, str], tuple[str, int]] = {}  # (branch, tensor name) -> (key, row in it)
-        for k in state_dict:
-            rest = k[len(prefix):].split(".") if k.startswith(prefix) else []
-            if len(rest) == 2:
-                for i, b in enumerate(rest[0].split("_")):
-                    if b in self._rows:
-                        stored[b, rest[1]] = (k, i)
-        used: set[str] = set()
-        written: set[str] = set()
-        for key, sv in self.named_children():
-            rank = next(sv.parameters()).dim()
-            branches = [b for b, (k, _) in self._rows.items() if k == key]
-            for name in ("gamma", "packed", "direction", "magnitude"):
-                current = state_dict.get(f"{prefix}{key}.{name}")
-                if (current is not None and current.dim() == rank) or not all((b, name) in stored for b in branches):
-                    continue
-                rows = []
-                for b in branches:
-                    k, i = stored[b, name]
-                    rows.append(state_dict[k] if state_dict[k].dim() == rank - 1 else state_dict[k][i])
-                    used.add(k)
-                state_dict[f"{prefix}{key}.{name}"] = torch.stack(rows)
-                written.add(f"{prefix}{key}.{name}")
-        for k in used - written:
-            del state_dict[k]
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{b}: {k}[{i}]" for b, (k, i) in self._rows.items())
-
-
 def make_scale(
     dim: int, param: str, role: Role, scale: ScaleConfig, slot: str, lead: tuple[int, ...] = ()
 ) -> ScaleVector | None:
@@ -265,23 +149,21 @@ def gain_name(module: str, slot: str) -> str:
     return f"blocks.{parts[1]}.{slot}" if len(parts) > 1 and parts[0] == "blocks" else slot
 
 
-def gain_modules(model: nn.Module) -> Iterator[tuple[str, str, ScaleVector | BranchGain]]:
-    """(name, module path, gain) for every γ of ``model``, one per branch; the path is where the parameter
-    lives (``blocks.0.attn.qkv.in_scales.q`` is row ``q`` of the ``in_scales`` group)."""
-    inside: list[str] = []
+def gain_modules(model: nn.Module) -> Iterator[tuple[str, str, ScaleVector, int | None]]:
+    """(name, module path, scale vector, row) for every γ of ``model``, one per branch: ``row`` picks HG's
+    branch from a vector whose rows are the branches' input gains (its slot lists theirs), else None."""
     for path, m in model.named_modules():
-        if isinstance(m, BranchGains):
-            inside.append(path + ".")
-            for b, g in m.items():
-                yield gain_name(path, g.slot), f"{path}.{b}", g
-        elif isinstance(m, ScaleVector) and not any(path.startswith(p) for p in inside):
-            yield gain_name(path, m.slot), path, m
+        if isinstance(m, ScaleVector):
+            slots = m.slot.split(",")
+            for row, slot in enumerate(slots):
+                yield gain_name(path, slot), path, m, (row if len(slots) > 1 else None)
 
 
-def gains(model: nn.Module) -> Iterator[tuple[str, ScaleVector | BranchGain]]:
-    """(name, gain) for every γ of ``model``, one per branch, named by ``gain_name``."""
-    for name, _, g in gain_modules(model):
-        yield name, g
+def gains(model: nn.Module) -> Iterator[tuple[str, ScaleVector, int | None]]:
+    """(name, scale vector, row) for every γ of ``model``, one per branch, named by ``gain_name``; γ is
+    ``vector()`` or, for a row, ``vector()[row]``."""
+    for name, _, sv, row in gain_modules(model):
+        yield name, sv, row
 
 
 @torch.no_grad()
@@ -290,14 +172,14 @@ def scale_statistics(model: nn.Module) -> dict[str, float]:
     ``gamma/<name>/<stat>`` by ``gain_name`` (``gamma/blocks.0.attn.q.in/mean``): the per-site, per-layer
     dynamics the paper uses to motivate HG."""
     out: dict[str, float] = {}
-    for name, g in gains(model):
-        v = g().detach().float()
+    for name, sv, row in gains(model):
+        v = sv().detach().float()
+        v = v if row is None else v[row]
         out[f"gamma/{name}/mean"] = v.mean().item()
         out[f"gamma/{name}/std"] = v.std().item() if v.numel() > 1 else 0.0
         out[f"gamma/{name}/min"] = v.min().item()
         out[f"gamma/{name}/max"] = v.max().item()
-        if g.param in ("or", "er"):
-            sv, row = (g.vector, g.row) if isinstance(g, BranchGain) else (g, None)
+        if sv.param in ("or", "er"):
             mag = (sv.magnitude if row is None else sv.magnitude[row]).detach().float()
-            out[f"gamma/{name}/magnitude"] = (mag.exp() if g.param == "er" else mag).mean().item()
+            out[f"gamma/{name}/magnitude"] = (mag.exp() if sv.param == "er" else mag).mean().item()
     return out

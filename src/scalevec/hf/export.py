@@ -84,10 +84,11 @@ def site_form(site: Site) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[s
     none), each branch's weight with every foldable gain multiplied in, and the γ_a a norm keeps (else none)."""
     folded = site.effective_weights(fold_output=not site.spec.has_norm)
     weights = {b.name: w.detach() for b, w in zip(site.defs, folded)}
-    gain = site.in_scale() if site.in_scale is not None else next(iter(weights.values())).new_ones(site.d_in)
+    gain = site.gains.shared_input()
+    gain = gain if gain is not None else next(iter(weights.values())).new_ones(site.d_in)
     kept = {}
     if site.spec.has_norm:
-        gammas = site.out_scales.gammas()
+        gammas = site.gains.outputs()
         kept = {b.name: gammas[b.name].detach() if b.name in gammas else gain.new_ones(b.d_out)
                 for b in site.defs}
     return gain.detach(), weights, kept
@@ -104,8 +105,8 @@ def prenorm_form(site: Site) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 def _exports_tied(model: Decoder, layout: Layout) -> bool:
     """The exported LM head can stay the embedding: tied, unscaled, and no head gain to fold into it."""
     head = model.head
-    return model.cfg.tie_embeddings and not layout.embed_scale and not len(head.in_scales) \
-        and not len(head.out_scales)
+    return model.cfg.tie_embeddings and not layout.embed_scale and not head.gains.per_branch_input \
+        and not len(head.gains.out_gains)
 
 
 @torch.no_grad()

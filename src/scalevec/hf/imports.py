@@ -142,15 +142,16 @@ def load_prenorm(site: Site, gain: torch.Tensor, weights: dict[str, torch.Tensor
 
     With a norm in the way the site becomes ``1 ⊙ Norm(W_b (γ ⊙ x̂))``: the closest start, not the function.
     """
-    if site.in_scale is not None:
-        site.in_scale.set_value(gain)
+    gains = site.gains
+    if gains.in_gain is not None and not gains.per_branch_input:
+        gains.in_gain.set_value(gain)
     for b, w in weights.items():
-        if b in site.in_scales:
-            site.in_scales[b].set_value(gain)  # HG: every branch starts from the shared γ
-        elif site.in_scale is None:
+        if gains.per_branch_input:
+            gains.in_gain.set_value(gain, row=gains.branches.index(b))  # HG: every branch starts from the shared γ
+        elif gains.in_gain is None:
             w = w * gain  # no input gain in this strategy: γ folds into W
-        if b in site.out_scales:  # DP / DNP: the checkpoint's γ_a, else 1
-            site.out_scales[b].set_value(kept[b] if kept is not None else w.new_ones(w.shape[0]))
+        if b in gains.out_gains:  # DP / DNP: the checkpoint's γ_a, else 1
+            gains.out_gains[b].set_value(kept[b] if kept is not None else w.new_ones(w.shape[0]))
         if site.weights[b].shape != w.shape:
             raise ConfigError(f"{site.name}.{b}: checkpoint shape {tuple(w.shape)}, expected "
                               f"{tuple(site.weights[b].shape)}")

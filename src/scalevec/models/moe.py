@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scalevec.layers import MLP, BranchDef, site_gains
+from scalevec.layers import MLP, BranchDef, SiteGains, load_gains_beside_weights
 from scalevec.models.config import ModelConfig
 from scalevec.models.dispatch import CPU_GROUP_ROWS, SortedRows, expert_groups
 from scalevec.ops.dnp_swiglu import dnp_swiglu
@@ -64,7 +64,8 @@ class MoE(nn.Module):
 
         lead = (n,) if scale.expert_gains == "per_expert" else ()
         branches = [BranchDef("gate", de), BranchDef("up", de, out_feeds_linear=True)]
-        self.in_scale, self.in_scales, self.out_scales = site_gains("mlp", d, branches, spec, scale, lead)
+        self.gains = SiteGains("mlp", d, branches, spec, scale, lead)
+        self.register_load_state_dict_pre_hook(load_gains_beside_weights)
         self.per_expert_gains = bool(lead)
         self.router_in = make_scale(d, rspec.param, Role.INPUT_SCALE, scale, "router.in") \
             if rspec.has_input and not rspec.shared else None
@@ -73,7 +74,7 @@ class MoE(nn.Module):
             if rspec.has_output else None
 
         # DNP with gains shared by the experts runs the dense MLP's ``dnp_swiglu`` (per-expert γ_gate does not).
-        self.uses_dnp_swiglu = self.has_norm and "gate" in self.out_scales and not lead
+        self.uses_dnp_swiglu = self.has_norm and "gate" in self.gains.out_gains and not lead
 
         std = cfg.init_std
         self.router = tag(nn.Parameter(torch.randn(m.num_experts, d) * std), Role.ROUTER)
@@ -95,8 +96,8 @@ class MoE(nn.Module):
 
     def branch_weights(self, fold_output: bool) -> dict[str, torch.Tensor]:
         """{branch: (n, d_expert, d_model) W with the branch's own input gain (and, for DP, its output gain)}."""
-        v = self.in_scales.gammas()
-        u = self.out_scales.gammas() if fold_output else {}
+        v = self.gains.inputs()
+        u = self.gains.outputs() if fold_output else {}
         out = {}
         for b in BRANCHES:
             w = self.w_gate if b == "gate" else self.w_up
@@ -119,7 +120,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
-        h = F.rms_norm(x, (d,), self.in_scale() if self.in_scale is not None else None, self.eps)
+        h = F.rms_norm(x, (d,), self.gains.shared_input(), self.eps)
         h = h.reshape(B * T, d)
         logits, scores, idx, weights = self.route(h)
         balance = self._balance_loss(scores, idx, B)
@@ -161,7 +162,7 @@ class MoE(nn.Module):
         w_gu = torch.cat(list(self.branch_weights(fold_output=not self.has_norm).values()), 1).to(dtype)
         # Row-wise ops run on the padded layout (zero rows in, zero rows out): no unpad/pad between the projections.
         gate_up = groups.mm_padded(groups.pad(xs), w_gu)
-        g = self.out_scales.gammas() if self.has_norm else {}
+        g = self.gains.outputs() if self.has_norm else {}
         if self.uses_dnp_swiglu:  # as in the dense MLP: γ_up in W_down's columns, the rest in one row-wise op
             z, w_down = dnp_swiglu(gate_up, g["gate"], self.eps), self.w_down * g["up"]
         elif not self.has_norm:
@@ -260,11 +261,11 @@ class MoE(nn.Module):
     @torch.no_grad()
     def fold_into(self, dst: MoE) -> None:
         """Copy into ``dst`` (built with the folded strategy) with every foldable gain multiplied in."""
-        g = self.in_scale() if self.in_scale is not None else None
+        g = self.gains.shared_input()
         for b, w in self.branch_weights(fold_output=not self.has_norm).items():
             getattr(dst, f"w_{b}").copy_(w if g is None else w * g)
-            if self.has_norm and b in self.out_scales:
-                dst.out_scales[b].set_value(self.out_scales[b]())
+            if self.has_norm and b in self.gains.out_gains:
+                dst.gains.out_gains[b].set_value(self.gains.out_gains[b]())
         dst.w_down.copy_(self.w_down)
         r = self.router_weight()
         dst.router.copy_(r if g is None else r * g)
@@ -272,8 +273,10 @@ class MoE(nn.Module):
     def inactive_params(self) -> int:
         """Parameters a token does not touch: the unselected routed experts' share of every per-expert tensor."""
         per_expert = [self.w_gate, self.w_up, self.w_down]
-        if self.per_expert_gains:  # rows (branch, expert, dim)
-            per_expert += [*self.in_scales.parameters(), *self.out_scales.parameters()]
+        if self.per_expert_gains:  # branch gains carry an expert dimension; a shared input gain does not
+            per_expert += [*self.gains.out_gains.parameters()]
+            if self.gains.per_branch_input:
+                per_expert += [*self.gains.in_gain.parameters()]
         return sum(p.numel() // self.n_slots * (self.num_experts - self.top_k) for p in per_expert)
 
     def extra_repr(self) -> str:

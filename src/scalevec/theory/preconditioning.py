@@ -58,9 +58,8 @@ def make_site(shared: bool, seed: int) -> Site:
     site = Site("attn", D_IN, [BranchDef(f, D_OUT) for f in BRANCHES], SiteSpec("input", shared, "plain"),
                 preset("baseline"), eps=1e-6, std=0.5).double()
     with torch.no_grad():
-        for name, p in site.named_parameters():
-            if "scale" in name:
-                p.uniform_(0.5, 1.5)
+        for p in site.gains.parameters():
+            p.uniform_(0.5, 1.5)
     return site
 
 
@@ -69,9 +68,10 @@ def site_loss(site: Site, problem: Problem) -> torch.Tensor:
 
 
 def branch_gains(site: Site) -> Weights:
-    if site.in_scale is not None:
-        return {f: site.in_scale().detach() for f in BRANCHES}
-    return {f: site.in_scales[f]().detach() for f in BRANCHES}
+    shared = site.gains.shared_input()
+    if shared is not None:
+        return {f: shared.detach() for f in BRANCHES}
+    return {f: g.detach() for f, g in site.gains.inputs().items()}
 
 
 def raw_weights(site: Site) -> Weights:
@@ -95,7 +95,7 @@ def predicted_step(site: Site, g: Weights, eta: float, coupled: bool | None = No
 
     By default ``coupled`` is what the theorem says for this site: true exactly when the γ is shared.
     """
-    coupled = site.in_scale is not None if coupled is None else coupled
+    coupled = not site.gains.per_branch_input if coupled is None else coupled
     gam, w = branch_gains(site), raw_weights(site)
     inner = {f: (w[f] * g[f]).sum(0) for f in BRANCHES}
     total = sum(inner.values())
@@ -226,14 +226,14 @@ def check_coupling(seed: int = 0) -> CheckResult:
 def invariant(site: Site) -> torch.Tensor:
     """γ_j² − Σ_f ‖w_fj‖² per shared column j (shape (d,)), or γ_fj² − ‖w_fj‖² per branch for HG."""
     gam, w = branch_gains(site), raw_weights(site)
-    if site.in_scale is not None:
+    if not site.gains.per_branch_input:
         return gam["q"] ** 2 - sum(w[f].pow(2).sum(0) for f in BRANCHES)
     return torch.stack([gam[f] ** 2 - w[f].pow(2).sum(0) for f in BRANCHES])
 
 
 def gamma_sq(site: Site) -> torch.Tensor:
     gam = branch_gains(site)
-    return gam["q"] ** 2 if site.in_scale is not None else torch.stack([gam[f] ** 2 for f in BRANCHES])
+    return gam["q"] ** 2 if not site.gains.per_branch_input else torch.stack([gam[f] ** 2 for f in BRANCHES])
 
 
 def conservation_run(shared: bool, eta: float, horizon: float, seed: int, samples: int = 40) -> dict:
