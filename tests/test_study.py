@@ -45,7 +45,7 @@ def test_cpu_regime_tokens_epochs_schedule_and_grids(name):
     for sp in specs:
         ov = sp.overrides
         tokens = int(ov["train.steps"]) * int(ov["train.batch_size"]) * int(ov["train.seq_len"])
-        n = sp.coords.get("n_params") or _params(ov)
+        n = _params(ov)  # the arm's own count: unified's extra gains must not put it below the floor
         assert tokens / n >= floor and tokens <= 4 * TRAIN_SPLIT, sp.key
         assert float(ov["schedule.min_lr_ratio"]) <= 0.01 and float(ov["schedule.warmup"]) == pytest.approx(0.05)
         assert int(ov["train.steps"]) % int(ov["train.ckpt_every"]) == 0  # scored checkpoints end at the last step

@@ -65,17 +65,25 @@ def non_embedding_params(overrides: dict[str, str]) -> int:
     return int(counts.get("active_non_embedding", counts["non_embedding"]))
 
 
-def run_length(k: Knobs, model: dict[str, str], ratio: float = 1.0) -> tuple[int, int]:
-    """(steps, non-embedding params) of a run of ``model`` at ``ratio`` × the knobs' tokens per parameter."""
+def run_length(k: Knobs, model: dict[str, str], ratio: float = 1.0,
+               arms: tuple[dict[str, str], ...] = ()) -> tuple[int, int]:
+    """(steps, non-embedding params) of a run of ``model`` at ``ratio`` × the knobs' tokens per parameter,
+    sized on ``model`` and lengthened when one of ``arms`` (a strategy's extra gains) would fall short."""
     base = kv(k.base)
     n = non_embedding_params({**base, **model})
     if k.steps > 0:
-        steps = max(1, round(k.steps * ratio))
-    else:
-        tokens_per_step = int(base.get("train.batch_size", 16)) * int(base.get("train.seq_len", 128))
-        steps = max(20, round(ratio * k.tokens_per_param * n / tokens_per_step))
+        return _scored_length(k, max(1, round(k.steps * ratio))), n
+    tokens_per_step = int(base.get("train.batch_size", 16)) * int(base.get("train.seq_len", 128))
+    steps = _scored_length(k, max(20, round(ratio * k.tokens_per_param * n / tokens_per_step)))
+    largest = max([n, *(non_embedding_params({**base, **model, **a}) for a in arms)])
+    if steps * tokens_per_step < ratio * k.tokens_per_param * largest:
+        steps = _scored_length(k, math.ceil(ratio * k.tokens_per_param * largest / tokens_per_step))
+    return steps, n
+
+
+def _scored_length(k: Knobs, steps: int) -> int:
     every = max(1, round(steps * k.score_spacing))  # rounded up: scored checkpoints end at the last step
-    return every * max(1, math.ceil(steps / every)), n
+    return every * max(1, math.ceil(steps / every))
 
 
 def common(k: Knobs, steps: int) -> dict[str, str]:
@@ -166,8 +174,8 @@ def grid_losses(specs: list[RunSpec], lookup: Lookup, arm: str) -> dict[tuple[fl
 
 def necessity_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
     model = shape(k)
-    steps, _ = run_length(k, model)
     arms = {s: {"scale.strategy": s} for s in ("baseline", "no_scale")}
+    steps, _ = run_length(k, model, arms=tuple(arms.values()))
     return tuned_group(k, "necessity", arms, model, steps)
 
 
@@ -175,8 +183,9 @@ def improvements_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
     if "baseline" not in k.strategies:
         raise ConfigError("improvements: strategies must include 'baseline' (the reference of every delta)")
     model = shape(k)
-    steps, _ = run_length(k, model)
-    return tuned_group(k, "improvements", {s: {"scale.strategy": s} for s in k.strategies}, model, steps)
+    arms = {s: {"scale.strategy": s} for s in k.strategies}
+    steps, _ = run_length(k, model, arms=tuple(arms.values()))
+    return tuned_group(k, "improvements", arms, model, steps)
 
 
 def weight_decay_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
@@ -219,13 +228,16 @@ def _rungs(k: Knobs):
             yield setup, size, {**model, "optim.name": opt, "schedule.name": sched}
 
 
+UNIFIED_ARMS = ({"scale.strategy": "baseline"}, {"scale.strategy": "unified"})
+
+
 def unified_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
     specs: list[RunSpec] = []
     for setup, size, model in _rungs(k):
-        steps, n = run_length(k, model)
+        arms = {a["scale.strategy"]: a for a in UNIFIED_ARMS}
+        steps, n = run_length(k, model, arms=UNIFIED_ARMS)
         tps = int(kv(k.base).get("train.batch_size", 16)) * int(kv(k.base).get("train.seq_len", 128))
         coords = {"setup": setup, "size": size, "n_params": n, "tokens": steps * tps, "ratio": 1.0}
-        arms = {s: {"scale.strategy": s} for s in ("baseline", "unified")}
         # the null arm sits in the first setup's groups; the other setups' claims use the study's pooled floor
         specs += tuned_group(k, f"{setup} {size}", arms, model, steps, muon=model["optim.name"] == "muon",
                              coords=coords, null=setup == k.setups[0])
@@ -253,7 +265,7 @@ def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
             points = [sp for sp in here if sp.arm == arm]
             x = min({sp.coords["x"] for sp in points}, key=lambda v: abs(math.log(v / opt.lr)))
             for r in ratios:
-                steps, n = run_length(k, model, r)
+                steps, n = run_length(k, model, r, arms=UNIFIED_ARMS)
                 for src in (sp for sp in points if sp.coords["x"] == x):
                     ov = {**src.overrides, **common(k, steps)}
                     coords = {"setup": setup, "size": size, "n_params": n, "ratio": r, "lr": x, "strategy": arm}
@@ -263,7 +275,7 @@ def unified_budgets(k: Knobs, lookup: Lookup) -> list[RunSpec]:
 
 def lr_sweep_main(k: Knobs, lookup: Lookup) -> list[RunSpec]:
     model = shape(k)
-    steps, _ = run_length(k, model)
+    steps, _ = run_length(k, model, arms=tuple({"scale.strategy": s} for s in k.strategies))
     specs = []
     for s in k.strategies:
         for lr in k.lrs:
