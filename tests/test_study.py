@@ -12,7 +12,7 @@ import pytest
 from scipy import stats as sps
 
 from scalevec.cli import main as cli_main
-from scalevec.study import stats
+from scalevec.study import stats, tables
 from scalevec.study.budgets import BUDGETS, knobs_for
 from scalevec.study.estimate import TimeModel, calibrate
 from scalevec.study.grids import NULL, STUDIES, kv
@@ -205,6 +205,13 @@ def test_quadratic_optimum_and_token_multiplier_recover_known_values():
     m = token_multiplier(base, arm)
     assert m.value == pytest.approx(1.3, rel=1e-6) and m.lo <= 1.3 <= m.hi and m.bound == ""
     assert token_multiplier(base, {s: 1.0 for s in range(4)}).bound == ">1.5"
+    worse = token_multiplier(base, {s: 3.0 for s in range(4)})
+    assert worse.bound == "<1" and math.isnan(worse.value) and (worse.lo_bound, worse.hi_bound) == ("<1", "<1")
+    # near the top of the range some bootstrap replicates fall beyond it: the interval says so, not drops them
+    rng = np.random.default_rng(0)
+    edge = token_multiplier(base, {s: 2.0 - 0.1 * math.log2(1.48) + rng.normal(0, 0.02) for s in range(4)})
+    assert edge.hi_bound == ">1.5" and edge.lo_bound == "" and 1 < edge.lo < 1.5
+    assert tables.multiplier_ci({"ci95": [edge.lo, None], "ci95_bounds": ["", ">1.5"]}).endswith(", >1.5]")
 
 
 def test_time_estimate_calibrates_on_finished_runs(tmp_path):

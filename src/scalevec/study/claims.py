@@ -149,9 +149,12 @@ def multipliers(runs: list[Run]) -> list[dict]:
                 base[steps[r.spec.coords["ratio"]] / steps[1.0]][r.spec.seed] = r.loss
             elif r.spec.coords["ratio"] == 1.0:
                 arm[r.spec.seed] = r.loss
-        m = token_multiplier(dict(base), arm)
-        out.append({"rung": g.removesuffix(" budgets"), "value": m.value, "ci95": [m.lo, m.hi], "bound": m.bound,
-                    "ratios": m.ratios, "n_params": rs[0].spec.coords.get("n_params")})
+        m = token_multiplier(dict(base), arm).as_dict()
+        # an interval end outside the measured ratios is null in ci95 and spelled in ci95_bounds (">1.5", "<1")
+        out.append({"rung": g.removesuffix(" budgets"), "value": m["value"],
+                    "ci95": [None if m["lo_bound"] else m["lo"], None if m["hi_bound"] else m["hi"]],
+                    "ci95_bounds": [m["lo_bound"], m["hi_bound"]], "bound": m["bound"], "ratios": m["ratios"],
+                    "n_params": rs[0].spec.coords.get("n_params")})
     return out
 
 

@@ -185,7 +185,7 @@ def write_index(reports: dict[str, Path], out: Path) -> Path:
                          f"95% CI {tables.ci(c['ci95'])}, Holm p = {tables.pv(_nan(c['p_holm']))}]")
         for m in res.get("multiplier", []):
             lines.append(f"- compute multiplier at {m['rung']}: "
-                         + (f"{m['value']:.3f}× {tables.ci(m['ci95'], 3, sign=False)}" if m["value"] else m["bound"]))
+                         + f"{tables.multiplier_value(m)} {tables.multiplier_ci(m)}")
         if "best_lr" in res:
             lines += [f"- optimum LR of {s}: {v['lr']:.3g}" for s, v in res["best_lr"].items()]
         lines.append("")

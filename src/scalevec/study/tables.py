@@ -58,6 +58,17 @@ def optima_table(group: str, detail: dict, runs: list[Run]) -> list[str]:
     return [*lines, ""]
 
 
+def multiplier_value(m: dict) -> str:
+    """The multiplier, or its bound when unified's score lies outside the baseline's measured token ratios."""
+    return f"{m['value']:.3f}×" if m["value"] is not None else m["bound"] or "—"
+
+
+def multiplier_ci(m: dict) -> str:
+    """The multiplier's interval; an end beyond the measured token ratios reads as its bound (">1.5")."""
+    ends = [b or (f"{x:.3f}" if x is not None else None) for x, b in zip(m["ci95"], m.get("ci95_bounds", ["", ""]))]
+    return "—" if None in ends else f"[{ends[0]}, {ends[1]}]"
+
+
 def params_span(ns: list[int]) -> str:
     return "—" if not ns else f"{ns[0] / 1e3:.0f}k" if len(ns) == 1 or ns[-1] < 1.05 * ns[0] \
         else f"{ns[0] / 1e3:.0f}k–{ns[-1] / 1e3:.0f}k"
@@ -78,7 +89,7 @@ def answer_table(results: dict[str, dict]) -> list[str]:
                          f"{ci(c['ci95'])} | {pv(c['p_holm'])} | {f(c.get('mde'))} | {scale}, {c.get('n', '—')} seeds "
                          f"| {c.get('paper') or '—'} |")
         for m in res.get("multiplier", []):
-            val = f"{m['value']:.3f}× {ci(m['ci95'], 3, sign=False)}" if m["value"] is not None else m["bound"]
+            val = f"{multiplier_value(m)} {multiplier_ci(m)}"
             lines.append(f"| measured | compute multiplier of unified | {study}: {m['rung']} | {val} | — | — | "
                          f"{m.get('n_params') or '—'} params | 1.22–1.25× |")
     return lines
@@ -106,8 +117,8 @@ def multiplier_lines(mult: list[dict]) -> list[str]:
              "in log tokens (bootstrap over seeds). Paper: 1.22–1.25×."), "",
              "| rung | N | multiplier | 95% CI | baseline ratios |", "|---|---|---|---|---|"]
     for m in mult:
-        val = f"{m['value']:.3f}×" if m["value"] is not None else f"outside the range ({m['bound']})"
-        lines.append(f"| {m['rung']} | {m.get('n_params') or '—'} | {val} | {ci(m['ci95'], 3, sign=False)} | "
+        val = f"{m['value']:.3f}×" if m["value"] is not None else f"outside the range ({m['bound'] or '—'})"
+        lines.append(f"| {m['rung']} | {m.get('n_params') or '—'} | {val} | {multiplier_ci(m)} | "
                      f"{', '.join(f'{r:.3g}' for r in m['ratios'])} |")
     return [*lines, "", "![loss vs compute](loss_vs_compute.png)", ""]
 

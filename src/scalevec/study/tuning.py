@@ -122,6 +122,8 @@ class Multiplier:
     hi: float
     bound: str  # "" inside the range; ">1.5" / "<1" when the arm's loss lies outside the baseline's range
     ratios: list[float]
+    lo_bound: str = ""  # the interval's ends outside the range, as ``bound``
+    hi_bound: str = ""
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
@@ -131,8 +133,12 @@ def _ratio_at(ratios: np.ndarray, base: np.ndarray, target: float) -> float:
     """Interpolate log(token ratio) linearly between the baseline's mean losses at ``target``."""
     order = np.argsort(base)
     b, logr = base[order], np.log(ratios[order])
-    if not (np.isfinite(b).all() and b[0] <= target <= b[-1]):
+    if not np.isfinite(b).all():
         return math.nan
+    if target < b[0]:  # the arm beats the baseline's longest run: beyond the measured range
+        return math.inf
+    if target > b[-1]:  # worse than the baseline's shortest run: below it
+        return 0.0
     return float(np.exp(np.interp(target, b, logr)))
 
 
@@ -150,13 +156,16 @@ def token_multiplier(base: dict[float, dict[int, float]], arm: dict[int, float],
     def one(rows: np.ndarray) -> float:
         return _ratio_at(ratios, bm[rows].mean(0), float(am[rows].mean()))
 
+    def outside(x: float) -> str:  # 0 and inf stand for "below" and "beyond" the measured ratios
+        return f">{ratios.max():.3g}" if x == math.inf else f"<{ratios.min():.3g}" if x == 0 else ""
+
     value = one(np.arange(len(seeds)))
-    bound = ""
-    if not math.isfinite(value):
-        curve, target = bm.mean(0), float(am.mean())
-        bound = f">{ratios.max():g}" if target < curve.min() else f"<{ratios.min():g}"
+    bound = outside(value)
     rng = np.random.default_rng(seed)
     reps = np.array([one(rng.integers(0, len(seeds), len(seeds))) for _ in range(BOOTSTRAP)]) if len(seeds) > 1 \
         else np.array([])
-    lo, hi = bootstrap_ci(reps) if len(reps) else (nan, nan)
-    return Multiplier(value, lo, hi, bound, ratios.tolist())
+    reps = reps[~np.isnan(reps)]
+    # Percentiles without interpolation, so replicates outside the range stay bounds instead of being dropped.
+    lo, hi = (float(q) for q in np.quantile(reps, [0.025, 0.975], method="inverted_cdf")) if len(reps) >= 10 \
+        else (nan, nan)
+    return Multiplier(value if not bound else nan, lo, hi, bound, ratios.tolist(), outside(lo), outside(hi))
